@@ -1,0 +1,144 @@
+"""Named text sources and seeded calibration sampling.
+
+Sources (see ``_data/DATA_LICENSES.md`` for provenance):
+
+- ``wikitext2``: WikiText-2 raw test rows, CRLF -> LF, joined with "\\n\\n" (the evaluation text).
+- ``wikitext2-valid``: WikiText-2 (tokenized) validation file's lines joined with "\\n\\n" (default calibration).
+- ``wikitext103-valid``: WikiText-103 (tokenized) validation, records of a CSV export joined with "\\n\\n".
+- ``lambada-dev``: LAMBADA development passages (one per line) joined with "\\n\\n".
+- any local ``.txt`` file (used as is) or ``.jsonl`` file (the ``text`` field of every record, joined with "\\n\\n").
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from importlib import resources
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+__all__ = [
+    "register_source",
+    "source_names",
+    "load_text",
+    "tokenize_text",
+    "sample_windows",
+    "split_windows",
+    "DataSourceError",
+]
+
+_SOURCES: dict[str, tuple[Callable[[], str], str]] = {}
+
+
+class DataSourceError(ValueError):
+    """Unknown source name, missing file or unreadable content."""
+
+
+def register_source(name: str, description: str) -> Callable[[Callable[[], str]], Callable[[], str]]:
+    def deco(fn: Callable[[], str]) -> Callable[[], str]:
+        if name in _SOURCES:
+            raise ValueError(f"data source {name!r} registered twice")
+        _SOURCES[name] = (fn, description)
+        return fn
+
+    return deco
+
+
+def source_names() -> dict[str, str]:
+    """Registered source names -> one-line descriptions."""
+    return {k: d for k, (_, d) in sorted(_SOURCES.items())}
+
+
+def _packaged(name: str) -> str:
+    return resources.files("fusegpt").joinpath("_data", name).read_text(encoding="utf-8")
+
+
+def _join_lines(lines) -> str:
+    return "\n\n".join(lines)
+
+
+@register_source("wikitext2", "WikiText-2 raw test rows joined with blank lines (evaluation text)")
+def _wikitext2_test() -> str:
+    raw = _packaged("wikitext2-test.nonblank-crlf.raw").replace("\r\n", "\n")
+    return _join_lines(line for line in raw.split("\n") if line)
+
+
+@register_source("wikitext2-valid", "WikiText-2 tokenized validation lines joined with blank lines (default calibration)")
+def _wikitext2_valid() -> str:
+    return _join_lines(_packaged("wikitext2-valid.tokens.txt").split("\n"))
+
+
+@register_source("wikitext103-valid", "WikiText-103 tokenized validation (CSV export) records joined with blank lines")
+def _wikitext103_valid() -> str:
+    records = [row[0] if row else "" for row in csv.reader(io.StringIO(_packaged("wikitext103-valid.csv-export.txt")))]
+    return _join_lines(r for r in records if r.strip())
+
+
+@register_source("lambada-dev", "LAMBADA development passages (BookCorpus) joined with blank lines")
+def _lambada_dev() -> str:
+    return _join_lines(line for line in _packaged("lambada-dev.plain.txt").split("\n") if line.strip())
+
+
+def _local_file(path: Path) -> str:
+    if not path.is_file():
+        raise DataSourceError(f"data file {str(path)!r} does not exist")
+    if path.suffix == ".jsonl":
+        texts = []
+        with path.open(encoding="utf-8") as fh:
+            for lineno, line in enumerate(fh, 1):
+                if not line.strip():
+                    continue
+                try:
+                    rec = json.loads(line)
+                except json.JSONDecodeError as exc:
+                    raise DataSourceError(f"{path}:{lineno}: not valid JSON ({exc.msg})") from None
+                if not isinstance(rec, dict) or not isinstance(rec.get("text"), str):
+                    raise DataSourceError(f"{path}:{lineno}: every JSONL record needs a string field 'text'")
+                texts.append(rec["text"])
+        return _join_lines(texts)
+    if path.suffix == ".txt":
+        return path.read_text(encoding="utf-8")
+    raise DataSourceError(f"data file {str(path)!r}: only .txt and .jsonl files are accepted")
+
+
+def load_text(source: str) -> str:
+    """The text of a named source or a local .txt/.jsonl path."""
+    if source in _SOURCES:
+        return _SOURCES[source][0]()
+    path = Path(source).expanduser()
+    if path.suffix in (".txt", ".jsonl") or path.exists():
+        return _local_file(path)
+    raise DataSourceError(
+        f"unknown data source {source!r}; use one of {', '.join(source_names())} or a path to a .txt or .jsonl file"
+    )
+
+
+def tokenize_text(tokenizer, text: str) -> torch.Tensor:
+    """Tokenize once: [N] int64 ids (the tokenizer's default special tokens)."""
+    ids = tokenizer(text, return_attention_mask=False, verbose=False)["input_ids"]
+    return torch.tensor(ids, dtype=torch.long)
+
+
+def sample_windows(ids: torch.Tensor, n: int, seqlen: int, generator: torch.Generator) -> torch.Tensor:
+    """N random windows of ``seqlen`` tokens from a 1-D id stream -> [n, seqlen]. Same seed -> same windows."""
+    if ids.dim() != 1:
+        raise ValueError("ids must be 1-D")
+    if n < 1 or seqlen < 2:
+        raise ValueError(f"need n >= 1 and seqlen >= 2 (got n={n}, seqlen={seqlen})")
+    if ids.numel() <= seqlen:
+        raise DataSourceError(f"text has {ids.numel()} tokens, fewer than one window of {seqlen}")
+    starts = torch.randint(0, ids.numel() - seqlen, (n,), generator=generator)
+    return torch.stack([ids[s : s + seqlen] for s in starts.tolist()])
+
+
+def split_windows(ids: torch.Tensor, seqlen: int, max_windows: int | None = None) -> torch.Tensor:
+    """Non-overlapping consecutive windows -> [W, seqlen] (the tail shorter than a window is dropped)."""
+    n = ids.numel() // seqlen
+    if n == 0:
+        raise DataSourceError(f"text has {ids.numel()} tokens, fewer than one window of {seqlen}")
+    if max_windows is not None:
+        n = min(n, max_windows)
+    return ids[: n * seqlen].view(n, seqlen)

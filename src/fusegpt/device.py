@@ -1,0 +1,98 @@
+"""Device, dtype and thread policy. The only module that names accelerator back-ends."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from typing import Iterator
+
+import torch
+
+__all__ = [
+    "resolve_device",
+    "synchronize",
+    "autocast",
+    "set_threads",
+    "peak_memory_bytes",
+    "reset_peak_memory",
+    "parse_dtype",
+]
+
+_DTYPES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+}
+
+
+def parse_dtype(name: str | torch.dtype | None) -> torch.dtype | None:
+    """'bf16' -> torch.bfloat16; None and 'none' -> None."""
+    if name is None or isinstance(name, torch.dtype):
+        return name
+    key = str(name).lower()
+    if key in ("none", "off", "no"):
+        return None
+    if key not in _DTYPES:
+        raise ValueError(f"unknown dtype {name!r}; use one of {sorted(_DTYPES)} or 'none'")
+    return _DTYPES[key]
+
+
+def resolve_device(name: str | torch.device | None = "auto") -> torch.device:
+    """'auto' picks the first accelerator present, else the CPU."""
+    if isinstance(name, torch.device):
+        return name
+    if name in (None, "auto"):
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    dev = torch.device(name)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {name!r} requested but no CUDA device is available; use --device cpu")
+    return dev
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for queued kernels, so timed regions measure real work."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    elif device.type == "mps":
+        torch.mps.synchronize()
+
+
+@contextlib.contextmanager
+def autocast(device: torch.device, dtype: torch.dtype | None) -> Iterator[None]:
+    """Mixed-precision compute with fp32 master weights; a no-op when dtype is None or float32."""
+    if dtype is None or dtype == torch.float32:
+        yield
+        return
+    with torch.autocast(device_type=device.type, dtype=dtype):
+        yield
+
+
+def set_threads(n: int | None) -> None:
+    """Set torch's intra-op threads (None leaves torch's default)."""
+    if n is None:
+        return
+    if n < 1:
+        raise ValueError(f"--threads must be >= 1, got {n}")
+    torch.set_num_threads(n)
+    os.environ.setdefault("OMP_NUM_THREADS", str(n))
+
+
+def reset_peak_memory(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def peak_memory_bytes(device: torch.device) -> int:
+    """Peak accelerator memory since the last reset, or the process's peak RSS on the CPU."""
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device))
+    import resource
+
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024

@@ -1,0 +1,90 @@
+"""Perplexity protocol.
+
+Eval text = a named source (default ``wikitext2``: WikiText-2 raw test rows, CRLF -> LF, joined with "\\n\\n"),
+tokenized once with the model's tokenizer, cut into non-overlapping windows of ``seqlen`` tokens; the first
+``max_windows`` windows (None = all) are scored. PPL = exp(mean NLL over every next-token prediction in the
+windows, i.e. seqlen - 1 per window), computed in fp32.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from ..data import load_text, split_windows, tokenize_text
+
+__all__ = ["PerplexityResult", "perplexity_windows", "evaluate_perplexity"]
+
+
+@dataclass
+class PerplexityResult:
+    source: str
+    seqlen: int
+    windows: int
+    tokens_scored: int
+    nll: float
+    ppl: float
+    seconds: float
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def perplexity_windows(tokenizer, source: str, seqlen: int, max_windows: int | None) -> torch.Tensor:
+    """[W, seqlen] evaluation windows of a source under the protocol above."""
+    ids = tokenize_text(tokenizer, load_text(source))
+    return split_windows(ids, seqlen, max_windows)
+
+
+@torch.no_grad()
+def nll_sum(model, windows: torch.Tensor, *, batch_size: int = 4, desc: str | None = "perplexity") -> tuple[float, int]:
+    """Sum of next-token NLL over [W, T] windows (fp32) and the number of predictions."""
+    device = next(model.parameters()).device
+    total = 0.0
+    count = 0
+    bar = tqdm(total=windows.shape[0], desc=desc, unit="win", disable=desc is None, leave=False)
+    for s in range(0, windows.shape[0], batch_size):
+        ids = windows[s : s + batch_size].to(device)
+        logits = model(input_ids=ids, use_cache=False).logits.float()
+        loss = F.cross_entropy(
+            logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="sum"
+        )
+        total += float(loss)
+        count += ids[:, 1:].numel()
+        bar.update(ids.shape[0])
+    bar.close()
+    return total, count
+
+
+def evaluate_perplexity(
+    model,
+    tokenizer,
+    *,
+    source: str = "wikitext2",
+    seqlen: int = 256,
+    max_windows: int | None = 128,
+    batch_size: int = 4,
+    desc: str | None = "perplexity",
+) -> PerplexityResult:
+    """WikiText-2 (or another source) perplexity of a causal LM under the protocol in this module's docstring."""
+    t0 = time.perf_counter()
+    windows = perplexity_windows(tokenizer, source, seqlen, max_windows)
+    was_training = model.training
+    model.eval()
+    total, count = nll_sum(model, windows, batch_size=batch_size, desc=desc)
+    model.train(was_training)
+    nll = total / count
+    return PerplexityResult(
+        source=source,
+        seqlen=seqlen,
+        windows=int(windows.shape[0]),
+        tokens_scored=count,
+        nll=nll,
+        ppl=math.exp(nll),
+        seconds=time.perf_counter() - t0,
+    )

@@ -1,0 +1,151 @@
+"""``FusedLinear``: a linear layer that has absorbed the weights of removed blocks (like peft's LoRA layer).
+
+It wraps the receiving ``nn.Linear``; donor weights are buffers; the effective weight is computed in exactly one
+place (:meth:`FusedLinear.effective_weight`), used by forward, merge, export and tests. At initialisation every new
+term is zero (LoRA B = 0, coefficient = 0 or C_B = 0), so the layer equals its base linear.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .math import fused_bias, fused_weight
+
+__all__ = ["COEF_KINDS", "FusionCoefficient", "FusedLinear", "NonFiniteWeightError"]
+
+COEF_KINDS = ("scalar", "vector", "matrix", "lowrank")
+
+
+class NonFiniteWeightError(FloatingPointError):
+    """A merged weight holds NaN or Inf."""
+
+
+def _kaiming_(t: torch.Tensor, generator: torch.Generator | None) -> None:
+    nn.init.kaiming_uniform_(t, a=math.sqrt(5), generator=generator)
+
+
+class FusionCoefficient(nn.Module):
+    """The learnable coefficient C of one donor, zero at start.
+
+    kinds: ``scalar`` (one number), ``vector`` (one per output row, the reference's non-matrix mode),
+    ``matrix`` (full [out, in]), ``lowrank`` (C_B [out, r] @ C_A [r, in], C_B zero, C_A Kaiming-uniform).
+    """
+
+    def __init__(
+        self, kind: str, out_features: int, in_features: int, rank: int = 128, *,
+        has_bias: bool = False, generator: torch.Generator | None = None,
+        device: torch.device | None = None, dtype: torch.dtype = torch.float32,
+    ) -> None:
+        super().__init__()
+        if kind not in COEF_KINDS:
+            raise ValueError(f"unknown coefficient kind {kind!r}; use one of {COEF_KINDS}")
+        self.kind = kind
+        kw = {"device": device, "dtype": dtype}
+        if kind == "scalar":
+            self.coef = nn.Parameter(torch.zeros(1, 1, **kw))
+        elif kind == "vector":
+            self.coef = nn.Parameter(torch.zeros(out_features, 1, **kw))
+        elif kind == "matrix":
+            self.coef = nn.Parameter(torch.zeros(out_features, in_features, **kw))
+        else:
+            r = max(1, min(rank, out_features, in_features))
+            self.coef_B = nn.Parameter(torch.zeros(out_features, r, **kw))
+            self.coef_A = nn.Parameter(torch.empty(r, in_features, **kw))
+            _kaiming_(self.coef_A.data, generator)
+        self.coef_bias = nn.Parameter(torch.zeros(out_features, **kw)) if has_bias else None
+
+    def value(self) -> torch.Tensor:
+        """C, broadcastable to [out, in]."""
+        if self.kind == "lowrank":
+            return self.coef_B @ self.coef_A
+        return self.coef
+
+
+class FusedLinear(nn.Module):
+    """y = x W_eff^T + b_eff with W_eff = W + B A + sum_k C_k ⊙ D_k (see :mod:`fusegpt.fusion.math`)."""
+
+    def __init__(self, base: nn.Linear, *, lora_rank: int = 128, generator: torch.Generator | None = None) -> None:
+        super().__init__()
+        self.in_features = base.in_features
+        self.out_features = base.out_features
+        w = base.weight
+        self.weight = nn.Parameter(w.detach().clone(), requires_grad=False)
+        self.bias = None if base.bias is None else nn.Parameter(base.bias.detach().clone(), requires_grad=False)
+        if lora_rank > 0:
+            r = min(lora_rank, self.in_features, self.out_features)
+            self.lora_A = nn.Parameter(torch.empty(r, self.in_features, device=w.device, dtype=w.dtype))
+            self.lora_B = nn.Parameter(torch.zeros(self.out_features, r, device=w.device, dtype=w.dtype))
+            _kaiming_(self.lora_A.data, generator)
+        else:
+            self.lora_A = self.lora_B = None
+        self.coefs = nn.ModuleList()
+        self.num_donors = 0
+
+    # ---- donors -------------------------------------------------------------------------------------------
+    def add_donor(
+        self, weight: torch.Tensor, bias: torch.Tensor | None, *, coef_kind: str = "lowrank", coef_rank: int = 128,
+        generator: torch.Generator | None = None,
+    ) -> None:
+        """Register a removed block's (effective) weight as a buffer with a new zero coefficient."""
+        if tuple(weight.shape) != (self.out_features, self.in_features):
+            raise ValueError(f"donor weight {tuple(weight.shape)} does not match {(self.out_features, self.in_features)}")
+        k = self.num_donors
+        self.register_buffer(f"donor_weight_{k}", weight.detach().to(self.weight).clone())
+        use_bias = bias is not None and self.bias is not None
+        self.register_buffer(f"donor_bias_{k}", bias.detach().to(self.weight).clone() if use_bias else None)
+        self.coefs.append(FusionCoefficient(
+            coef_kind, self.out_features, self.in_features, coef_rank, has_bias=use_bias, generator=generator,
+            device=self.weight.device, dtype=self.weight.dtype,
+        ))
+        self.num_donors += 1
+
+    def donors(self) -> Iterator[tuple[FusionCoefficient, torch.Tensor, torch.Tensor | None]]:
+        for k, coef in enumerate(self.coefs):
+            yield coef, getattr(self, f"donor_weight_{k}"), getattr(self, f"donor_bias_{k}")
+
+    # ---- the one formula ----------------------------------------------------------------------------------
+    def effective_weight(self) -> torch.Tensor:
+        lora = (self.lora_B, self.lora_A) if self.lora_A is not None else None
+        return fused_weight(self.weight, lora, [(c.value(), d) for c, d, _ in self.donors()])
+
+    def effective_bias(self) -> torch.Tensor | None:
+        return fused_bias(self.bias, [(c.coef_bias, d) for c, _, d in self.donors() if d is not None])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # The weight is formed in the parameters' dtype (fp32 master weights); F.linear follows any autocast.
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            w = self.effective_weight()
+            b = self.effective_bias()
+        return F.linear(x, w, b)
+
+    # ---- parameter groups ---------------------------------------------------------------------------------
+    def coefficient_parameters(self) -> list[nn.Parameter]:
+        return list(self.coefs.parameters())
+
+    def lora_parameters(self) -> list[nn.Parameter]:
+        return [p for p in (self.lora_A, self.lora_B) if p is not None]
+
+    def base_parameters(self) -> list[nn.Parameter]:
+        return [p for p in (self.weight, self.bias) if p is not None]
+
+    @torch.no_grad()
+    def to_linear(self) -> nn.Linear:
+        """A plain nn.Linear holding the effective weight; raises NonFiniteWeightError on NaN/Inf."""
+        w = self.effective_weight().detach()
+        b = self.effective_bias()
+        if not torch.isfinite(w).all() or (b is not None and not torch.isfinite(b).all()):
+            raise NonFiniteWeightError("merged fused weight is not finite; refusing to export NaN/Inf")
+        lin = nn.Linear(self.in_features, self.out_features, bias=b is not None, device=w.device, dtype=w.dtype)
+        lin.weight.copy_(w)
+        if b is not None:
+            lin.bias.copy_(b.detach())
+        return lin
+
+    def extra_repr(self) -> str:
+        r = 0 if self.lora_A is None else self.lora_A.shape[0]
+        return f"in={self.in_features}, out={self.out_features}, lora_rank={r}, donors={self.num_donors}"
