@@ -34,6 +34,10 @@ class Runner:
     offload: torch.device
     batch_size: int = 8
     compute_dtype: torch.dtype | None = None
+    macs: float = 0.0  # forward multiply-accumulates run so far (block linears + attention)
+
+    def _count(self, block: nn.Module, hidden: torch.Tensor) -> None:
+        self.macs += hidden.shape[0] * hidden.shape[1] * self.adapter.block_macs_per_token(block, hidden.shape[1])
 
     @classmethod
     def for_model(
@@ -68,6 +72,7 @@ class Runner:
         """Differentiable: one mini-batch [B, T, H] (on the compute device) through ``blocks`` in order."""
         with autocast(self.device, self.compute_dtype):
             for block, kind in zip(blocks, kinds, strict=True):
+                self._count(block, hidden)
                 hidden = self.adapter.call_block(block, hidden, self.ctx, kind)
         return hidden
 
@@ -94,6 +99,7 @@ class Runner:
             nxt = torch.empty_like(current, device=self.offload)
             for s in range(0, current.shape[0], self.batch_size):
                 h = current[s : s + self.batch_size].to(self.device)
+                self._count(block, h)
                 with autocast(self.device, self.compute_dtype):
                     out = self.adapter.call_block(block, h, self.ctx, kind)
                 nxt[s : s + self.batch_size] = out.to(device=self.offload, dtype=nxt.dtype)
@@ -118,3 +124,39 @@ class Runner:
 def capture_block_inputs(runner: Runner, input_ids: torch.Tensor) -> torch.Tensor:
     """Inputs of block 0 for every sequence: [N, T] -> [N, T, H] on the offload device."""
     return runner.embed(input_ids)
+
+
+class ActivationCache:
+    """Inputs of every block of the current model for a fixed set of sequences, filled lazily.
+
+    ``get(i)`` is the [N, T, H] input of current block i (``get(num_blocks)`` = the output of the last block);
+    entries are computed from the last valid one and kept on the runner's offload device. After blocks ``>= j``
+    change (fusion) or are removed, :meth:`truncate` (j + 1) keeps the still-valid prefix, so later calls reuse it.
+    """
+
+    def __init__(self, runner: Runner, input_ids: torch.Tensor) -> None:
+        self.runner = runner
+        self.entries: list[torch.Tensor] = [runner.embed(input_ids)]
+
+    @property
+    def num_samples(self) -> int:
+        return self.entries[0].shape[0]
+
+    @property
+    def valid(self) -> int:
+        """How many leading entries are valid (inputs of blocks 0 .. valid-1)."""
+        return len(self.entries)
+
+    def get(self, i: int) -> torch.Tensor:
+        n = self.runner.adapter.num_blocks
+        if not 0 <= i <= n:
+            raise IndexError(f"block input {i} out of range 0..{n}")
+        if i >= len(self.entries):
+            start = len(self.entries) - 1
+            outs = self.runner.run_model_blocks(self.entries[-1], start, i, keep_each=True)
+            self.entries.extend(outs)
+        return self.entries[i]
+
+    def truncate(self, keep: int) -> None:
+        """Keep the first ``keep`` entries (at least the embeddings)."""
+        del self.entries[max(1, keep):]

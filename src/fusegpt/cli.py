@@ -110,6 +110,89 @@ def cmd_drop(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---- compress ----------------------------------------------------------------------------------------------------
+_CONFIG_FLAGS = [
+    # (flag, type, help) -> CompressConfig field of the same name (dashes -> underscores)
+    ("--method", str, "compression method (default fusegpt)"),
+    ("--sparsity", float, "fraction of blocks to remove, ceil(L * sparsity) (default 0.25)"),
+    ("--remove", int, "remove exactly K blocks (overrides --sparsity)"),
+    ("--mode", str, "iterative (re-score after every removal) or oneshot"),
+    ("--group-size", int, "receiving blocks around the removed one (the paper's G; reference 7)"),
+    ("--coef", str, "fusion coefficient: scalar, vector, matrix or lowrank"),
+    ("--coef-rank", int, "rank of the low-rank coefficient (reference 128)"),
+    ("--lora-rank", int, "rank of the LoRA on receiving weights (reference 128; 0 = none)"),
+    ("--train", str, "what distillation trains: coef, coef+lora or full"),
+    ("--loss", str, "distillation loss: kl-batch (reference), kl-hidden, mse or cosine"),
+    ("--epochs", int, "distillation epochs per removal"),
+    ("--lr", float, "learning rate of LoRA, norms (and weights with --train full)"),
+    ("--coef-lr", float, "learning rate of the fusion coefficients"),
+    ("--batch-size", int, "sequences per optimizer step"),
+    ("--nsamples", int, "calibration sequences"),
+    ("--score-samples", int, "calibration sequences used for scoring (the first ones)"),
+    ("--seqlen", int, "calibration sequence length in tokens"),
+    ("--calib", str, "calibration source: wikitext2-valid, wikitext103-valid, lambada-dev or a .txt/.jsonl path"),
+    ("--seed", int, "seed of calibration sampling and initialisation"),
+    ("--compute-dtype", str, "auto (bf16 only where measured faster), fp32, bf16 or fp16"),
+]
+
+
+def _add_config_flags(p: argparse.ArgumentParser) -> None:
+    for flag, typ, help_text in _CONFIG_FLAGS:
+        p.add_argument(flag, type=typ, default=None, help=help_text)
+    p.add_argument("--consolidate", dest="consolidate", action="store_true", default=None,
+                   help="merge receiving layers after each step (cpu preset)")
+    p.add_argument("--no-consolidate", dest="consolidate", action="store_false",
+                   help="keep every coefficient trainable across steps (the reference)")
+    p.add_argument("--blocks", type=_int_list, default=None,
+                   help="remove these original block indices in this order, without scoring (ablations)")
+    p.add_argument("--preset", default=None, help="paper or cpu (default cpu)")
+    p.add_argument("--config", type=Path, default=None, help="YAML/JSON file of config keys (flags override it)")
+
+
+def config_from_args(args: argparse.Namespace):
+    """preset <- config file <- explicit flags."""
+    from .config import CompressConfig, load_config_file
+
+    values = load_config_file(args.config) if args.config else {}
+    preset = args.preset or values.pop("preset", None) or "cpu"
+    for flag, _, _ in _CONFIG_FLAGS:
+        key = flag[2:].replace("-", "_")
+        if getattr(args, key) is not None:
+            values[key] = getattr(args, key)
+    if args.blocks is not None:
+        values["blocks"] = args.blocks
+    if args.consolidate is not None:
+        values["consolidate"] = args.consolidate
+    if "remove" in values and "sparsity" not in values:
+        values["sparsity"] = None
+    if args.device != "auto":
+        values["device"] = args.device
+    return CompressConfig.from_preset(preset, **values).validate()
+
+
+def cmd_compress(args: argparse.Namespace) -> int:
+    from .pipeline import run_compression
+
+    cfg = config_from_args(args)
+    command = "fusegpt " + " ".join(sys.argv[1:]) if args.command_line is None else args.command_line
+    rep = run_compression(args.model, cfg, args.out, overwrite=args.overwrite, evaluate=not args.no_eval,
+                          command=command)
+    _print_compress_summary(rep, args.out)
+    return 0
+
+
+def _print_compress_summary(rep, out) -> None:
+    from .report import format_table
+
+    ppl = rep.evaluation.get("wikitext2", {}).get("ppl")
+    print(format_table(
+        ["method", "removed (original idx, in order)", "layers", "params", "PPL", "seconds"],
+        [[rep.method, ",".join(map(str, rep.removed)), f"{rep.original_layers}->{rep.final_layers}",
+          rep.params_after, ppl if ppl is not None else "-", round(rep.seconds, 1)]],
+    ))
+    print(f"wrote {out} (checkpoint, fusegpt_report.json, mi.png, loss.png)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
 
@@ -133,8 +216,19 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(p)
     p.set_defaults(func=cmd_drop)
 
-    p = sub.add_parser("demo", help="the main job on the embedded default model")
-    p.add_argument("--out", type=Path, default=Path("runs/demo"))
+    p = sub.add_parser("compress", help="remove blocks with FuseGPT (or another --method) and export")
+    p.add_argument("model", help=f"alias, .gguf file or HF folder (e.g. {DEFAULT_MODEL})")
+    p.add_argument("--out", type=Path, required=True, help="output folder (must be empty unless --overwrite)")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out folder")
+    p.add_argument("--no-eval", action="store_true", help="skip the WikiText-2 PPL of the result")
+    p.set_defaults(command_line=None)
+    _add_config_flags(p)
+    _add_common(p)
+    p.set_defaults(func=cmd_compress)
+
+    p = sub.add_parser("demo", help="the main job: compress the embedded default model and compare")
+    p.add_argument("--out", type=Path, default=None, help="output folder (default runs/demo-<time>)")
+    p.add_argument("--sparsity", type=float, default=0.25)
     p.add_argument("--overwrite", action="store_true")
     _add_common(p)
     p.set_defaults(func=cmd_demo)
@@ -142,9 +236,45 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    args.model, args.source, args.seqlen, args.max_windows, args.batch_size = DEFAULT_MODEL, "wikitext2", 256, 128, 4
-    args.json = args.out / "eval.json"
-    return cmd_eval(args)
+    """Compress the default model at 25% with the cpu preset, then compare dense / plain removal / FuseGPT."""
+    from .config import CompressConfig
+    from .evaluate import evaluate_perplexity
+    from .export import check_output_dir, drop_blocks
+    from .models import load_model
+    from .pipeline import run_compression
+    from .report import format_table, write_json
+
+    out = args.out or Path("runs") / time.strftime("demo-%Y%m%d-%H%M%S")
+    check_output_dir(out, args.overwrite)
+    cfg = CompressConfig.from_preset("cpu", sparsity=args.sparsity)
+    cmd = f"fusegpt compress {DEFAULT_MODEL} --preset cpu --sparsity {args.sparsity} --out {out}"
+    print(f"[1/3] {cmd}", flush=True)
+    rep = run_compression(DEFAULT_MODEL, cfg, out, overwrite=args.overwrite, command=cmd)
+    fused_ppl = rep.evaluation["wikitext2"]["ppl"]
+    print("[2/3] dense model", flush=True)
+    dense = load_model(DEFAULT_MODEL)
+    dense_params = sum(p.numel() for p in dense.model.parameters())
+    dense_ppl = evaluate_perplexity(dense.model, dense.tokenizer, desc="perplexity (dense)").ppl
+    print(f"[3/3] plain removal of the same blocks {rep.removed}", flush=True)
+    drop_blocks(dense.model, rep.removed)
+    drop_params = sum(p.numel() for p in dense.model.parameters())
+    drop_ppl = evaluate_perplexity(dense.model, dense.tokenizer, desc="perplexity (plain removal)").ppl
+    import math
+
+    recovery = (math.log(drop_ppl) - math.log(fused_ppl)) / (math.log(drop_ppl) - math.log(dense_ppl))
+    rows = [
+        ["dense", rep.original_layers, dense_params, dense_ppl, "-", "-"],
+        ["plain removal", rep.final_layers, drop_params, drop_ppl, 0.0, 0.0],
+        ["FuseGPT (cpu preset)", rep.final_layers, rep.params_after, fused_ppl, recovery, round(rep.seconds, 1)],
+    ]
+    table = format_table(["model", "layers", "params", "WikiText-2 PPL", "recovery", "compress s"], rows)
+    print(table)
+    print(f"removed blocks (original indices, in order): {rep.removed}; checkpoint and report in {out}")
+    write_json(out / "demo.json", {"dense_ppl": dense_ppl, "drop_ppl": drop_ppl, "fusegpt_ppl": fused_ppl,
+                                   "recovery": recovery, "removed": rep.removed, "compress_seconds": rep.seconds,
+                                   "dense_params": dense_params, "params": rep.params_after})
+    (out / "demo.md").write_text(table + "\n")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -153,6 +283,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     _setup(args)
     from .adapters import UnsupportedModelError
+    from .config import ConfigError
     from .data import DataSourceError
     from .export import OutputExistsError
     from .models import ModelSourceError
@@ -160,7 +291,8 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     try:
         rc = args.func(args)
-    except (ModelSourceError, DataSourceError, UnsupportedModelError, OutputExistsError, ValueError, IndexError) as exc:
+    except (ModelSourceError, DataSourceError, UnsupportedModelError, OutputExistsError, ConfigError, ValueError,
+            IndexError) as exc:
         print(f"fusegpt: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -158,6 +158,16 @@ class Adapter:
             out[name] = block.get_submodule(name)
         return out
 
+    def block_macs_per_token(self, block: nn.Module, seqlen: int) -> float:
+        """Multiply-accumulates per token of one block: its linears plus attention scores and mixing over
+        ``seqlen`` keys (QK^T and AV, full T x T as computed without a KV cache)."""
+        lin = 0
+        for m in self.block_linears(block).values():
+            lin += m.in_features * m.out_features
+        heads = self.config.num_attention_heads
+        head_dim = getattr(self.config, "head_dim", None) or self.config.hidden_size // heads
+        return float(lin + 2 * seqlen * heads * head_dim)
+
     @staticmethod
     def set_submodule(block: nn.Module, name: str, module: nn.Module) -> None:
         parent_name, _, child = name.rpartition(".")

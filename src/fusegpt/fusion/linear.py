@@ -85,6 +85,7 @@ class FusedLinear(nn.Module):
             self.lora_A = self.lora_B = None
         self.coefs = nn.ModuleList()
         self.num_donors = 0
+        self._cache: tuple | None = None  # (key, weight, bias) reused by no-grad forwards
 
     # ---- donors -------------------------------------------------------------------------------------------
     def add_donor(
@@ -116,8 +117,18 @@ class FusedLinear(nn.Module):
     def effective_bias(self) -> torch.Tensor | None:
         return fused_bias(self.bias, [(c.coef_bias, d) for c, _, d in self.donors() if d is not None])
 
+    def _state_key(self) -> tuple:
+        return tuple((id(t), t._version) for t in (*self.parameters(), *self.buffers()))
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # The weight is formed in the parameters' dtype (fp32 master weights); F.linear follows any autocast.
+        if not torch.is_grad_enabled():
+            key = self._state_key()
+            if self._cache is None or self._cache[0] != key:
+                with torch.autocast(device_type=x.device.type, enabled=False):
+                    self._cache = (key, self.effective_weight(), self.effective_bias())
+            return F.linear(x, self._cache[1], self._cache[2])
+        self._cache = None
         with torch.autocast(device_type=x.device.type, enabled=False):
             w = self.effective_weight()
             b = self.effective_bias()

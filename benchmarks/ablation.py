@@ -1,0 +1,95 @@
+"""Ablations of FuseGPT on one model: every variant compresses a fresh copy, is evaluated on the same protocol,
+and appended to a JSONL file at once (re-running skips finished variants, so an interrupted sweep resumes).
+
+    python benchmarks/ablation.py --out runs/ablation10.jsonl --blocks 14,13,12 \
+        --variant "mse:loss=mse" --variant "kl-batch:loss=kl-batch" ...
+
+A variant is NAME:key=value,key=value (CompressConfig keys; values parsed as JSON where possible).
+Special variants: "dense" (no compression) and "drop" (plain removal of --blocks / the scored blocks).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+from pathlib import Path
+
+import torch
+
+
+def parse_variant(text: str) -> tuple[str, dict]:
+    name, _, rest = text.partition(":")
+    values = {}
+    for item in filter(None, rest.split(",")):
+        k, _, v = item.partition("=")
+        try:
+            values[k.replace("-", "_")] = json.loads(v)
+        except json.JSONDecodeError:
+            values[k.replace("-", "_")] = v
+    return name, values
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--preset", default="cpu")
+    ap.add_argument("--blocks", default=None, help="fixed removal list (original indices, in order)")
+    ap.add_argument("--base", default="", help="key=value,... applied to every variant")
+    ap.add_argument("--variant", action="append", required=True)
+    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--max-windows", type=int, default=128)
+    args = ap.parse_args()
+
+    import logging
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    torch.set_num_threads(args.threads)
+    from fusegpt.api import compress
+    from fusegpt.config import CompressConfig
+    from fusegpt.evaluate import evaluate_perplexity
+    from fusegpt.export import drop_blocks
+    from fusegpt.fusion import merge_fused_linears
+    from fusegpt.models import load_model
+
+    done = set()
+    if args.out.exists():
+        done = {json.loads(line)["name"] for line in args.out.read_text().splitlines() if line.strip()}
+    _, base = parse_variant("base:" + args.base)
+    if args.blocks:
+        base["blocks"] = [int(b) for b in args.blocks.split(",")]
+    for spec in args.variant:
+        name, values = parse_variant(spec)
+        if name in done:
+            print(f"skip {name} (done)")
+            continue
+        loaded = load_model(args.model)
+        model, tok = loaded.model, loaded.tokenizer
+        t0 = time.perf_counter()
+        row = {"name": name, "values": values, "model": args.model}
+        if name == "dense":
+            row.update(layers=model.config.num_hidden_layers, seconds=0.0)
+        elif name == "drop":
+            blocks = values.get("blocks", base.get("blocks"))
+            drop_blocks(model, blocks)
+            row.update(removed=blocks, layers=model.config.num_hidden_layers, seconds=0.0)
+        else:
+            cfg = CompressConfig.from_preset(args.preset, **{**base, **values})
+            rep = compress(model, cfg, tokenizer=tok, source_model=args.model)
+            merge_fused_linears(model)
+            row.update(removed=rep.removed, layers=rep.final_layers, seconds=rep.seconds, config=cfg.to_dict(),
+                       steps=[{"removed": s.removed, "loss_before": s.loss_before, "loss_after": s.loss_after,
+                               "mse_before": s.mse_before, "mse_after": s.mse_after, "seconds": s.seconds}
+                              for s in rep.steps],
+                       flops_fraction_of_peak=rep.flops_fraction_of_peak, compute_dtype=rep.compute_dtype)
+        res = evaluate_perplexity(model, tok, max_windows=args.max_windows)
+        row.update(ppl=res.ppl, eval_seconds=res.seconds, params=sum(p.numel() for p in model.parameters()))
+        print(f"== {name}: PPL {res.ppl:.3f} ({row.get('seconds', 0):.0f} s compress)", flush=True)
+        with args.out.open("a") as fh:
+            fh.write(json.dumps(row) + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,121 @@
+"""The one verb: ``compress(model, config) -> CompressReport``."""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from .activations import Runner
+from .adapters import get_adapter
+from .config import CompressConfig, num_removals
+from .data import load_text, sample_windows, tokenize_text
+from .device import choose_compute_dtype, matmul_flops_per_second, peak_memory_bytes, reset_peak_memory, resolve_device
+from .methods import Job, StepReport, get_method
+from .report import versions
+
+log = logging.getLogger(__name__)
+
+__all__ = ["CompressReport", "compress", "calibration_windows"]
+
+
+@dataclass
+class CompressReport:
+    method: str
+    config: dict[str, Any]
+    original_layers: int
+    final_layers: int
+    removed: list[int]  # original block indices, in removal order
+    kept: list[int]  # original indices of the blocks that remain, in order
+    steps: list[StepReport]
+    params_before: int
+    params_after: int
+    seconds: float
+    compute_dtype: str
+    flops: dict[str, float] = field(default_factory=dict)
+    matmul_peak_flops: float | None = None
+    flops_fraction_of_peak: float | None = None
+    peak_memory_bytes: int | None = None
+    versions: dict[str, str] = field(default_factory=versions)
+    source_model: str | None = None
+    evaluation: dict[str, Any] = field(default_factory=dict)
+
+
+def calibration_windows(tokenizer, cfg: CompressConfig) -> torch.Tensor:
+    """[nsamples, seqlen] seeded random windows of the calibration source."""
+    ids = tokenize_text(tokenizer, load_text(cfg.calib))
+    return sample_windows(ids, cfg.nsamples, cfg.seqlen, torch.Generator().manual_seed(cfg.seed))
+
+
+def compress(
+    model,
+    config: CompressConfig,
+    *,
+    tokenizer=None,
+    calib_ids: torch.Tensor | None = None,
+    on_step: Callable[[StepReport], None] | None = None,
+    source_model: str | None = None,
+) -> CompressReport:
+    """Compress ``model`` in place with ``config.method``; returns the report.
+
+    Calibration windows come from ``calib_ids`` ([N, T]) or are sampled from ``config.calib`` with ``tokenizer``.
+    Fused layers stay wrapped in the returned model until export (``fusegpt.export.export_model`` merges them).
+    """
+    adapter = get_adapter(model)
+    L0 = adapter.num_blocks
+    config.validate(L0)
+    if calib_ids is None:
+        if tokenizer is None:
+            raise ValueError("compress needs a tokenizer or calib_ids")
+        calib_ids = calibration_windows(tokenizer, config)
+    if calib_ids.shape[0] < config.nsamples or calib_ids.shape[1] != config.seqlen:
+        raise ValueError(f"calib_ids must be [>= {config.nsamples}, {config.seqlen}], got {tuple(calib_ids.shape)}")
+    device = resolve_device(config.device)
+    model.to(device)
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    compute = choose_compute_dtype(device, config.compute_dtype)
+    peak = matmul_flops_per_second(device, compute or torch.float32)
+    log.info("compute dtype %s; measured matmul peak %.1f GFLOP/s", compute or torch.float32, peak / 1e9)
+    runner = Runner.for_model(adapter, config.seqlen, device=device, offload=torch.device(config.offload_device),
+                              batch_size=config.batch_size, compute_dtype=compute)
+    params_before = sum(p.numel() for p in model.parameters())
+    k = num_removals(config, L0)
+    job = Job(adapter=adapter, runner=runner, config=config, calib_ids=calib_ids[: config.nsamples],
+              generator=torch.Generator().manual_seed(config.seed), num_removals=k, on_step=on_step)
+    reset_peak_memory(device)
+    t0 = time.perf_counter()
+    steps = get_method(config.method)(job)
+    seconds = time.perf_counter() - t0
+    removed = [s.removed for s in steps]
+    kept = [i for i in range(L0) if i not in set(removed)]
+    total_flops = sum(job.flops.values())
+    return CompressReport(
+        method=config.method, config=config.to_dict(), original_layers=L0, final_layers=adapter.num_blocks,
+        removed=removed, kept=kept, steps=steps, params_before=params_before,
+        params_after=_merged_param_count(model), seconds=seconds, compute_dtype=str(compute or torch.float32),
+        flops={**job.flops, "total": total_flops}, matmul_peak_flops=peak,
+        flops_fraction_of_peak=(total_flops / seconds / peak) if seconds > 0 else None,
+        peak_memory_bytes=peak_memory_bytes(device), source_model=source_model,
+    )
+
+
+def _merged_param_count(model) -> int:
+    """Parameters of the model once fused layers are merged (LoRA, coefficients and donors excluded; tied weights
+    counted once)."""
+    from .fusion import FusedLinear, FusionCoefficient
+
+    seen: dict[int, int] = {}
+    for m in model.modules():
+        if isinstance(m, FusionCoefficient):
+            continue
+        own = [m.weight, m.bias] if isinstance(m, FusedLinear) else list(m.parameters(recurse=False))
+        for p in own:
+            if p is not None:
+                seen[id(p)] = p.numel()
+    return sum(seen.values())

@@ -1,0 +1,173 @@
+"""Typed, validated configuration of a compression run, with presets and file loading."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Literal
+
+__all__ = ["CompressConfig", "ConfigError", "PRESETS", "load_config_file", "num_removals"]
+
+
+class ConfigError(ValueError):
+    """An invalid configuration value, an unknown key or an unknown preset."""
+
+
+MODES = ("iterative", "oneshot")
+TRAIN_MODES = ("coef", "coef+lora", "full")
+LOSSES = ("kl-batch", "kl-hidden", "mse", "cosine")
+COEFS = ("scalar", "vector", "matrix", "lowrank")
+COMPUTE = ("auto", "fp32", "bf16", "fp16")
+
+
+@dataclass
+class CompressConfig:
+    """Everything one ``fusegpt compress`` run needs. Field docs give the paper/reference meaning."""
+
+    method: str = "fusegpt"
+    # how much to remove: ceil(L * sparsity) blocks, or exactly `remove` blocks when set
+    sparsity: float | None = 0.25
+    remove: int | None = None
+    # remove exactly these original block indices, in this order, without scoring (ablations on fixed blocks)
+    blocks: list[int] | None = None
+    # block selection: iterative = Macro Influence re-scored on the fused model before every removal
+    mode: Literal["iterative", "oneshot"] = "iterative"
+    # receiving blocks around the removed one (the paper's G; the reference window is G + 1 = 8 blocks)
+    group_size: int = 7
+    coef: Literal["scalar", "vector", "matrix", "lowrank"] = "lowrank"
+    coef_rank: int = 128
+    lora_rank: int = 128
+    train: Literal["coef", "coef+lora", "full"] = "coef+lora"
+    loss: Literal["kl-batch", "kl-hidden", "mse", "cosine"] = "mse"
+    # merge every receiving layer into a plain linear after its step (later steps inject the merged weights and
+    # no longer train earlier coefficients); False = the reference, which keeps every coefficient trainable
+    consolidate: bool = True
+    epochs: int = 4
+    lr: float = 9.65e-6  # LoRA, norms (and base weights with train=full)
+    coef_lr: float = 1e-3
+    betas: tuple[float, float] = (0.9, 0.95)
+    weight_decay: float = 0.0
+    batch_size: int = 8
+    shuffle: bool = True
+    # data
+    calib: str = "wikitext2-valid"
+    nsamples: int = 32
+    score_samples: int = 8
+    seqlen: int = 256
+    seed: int = 0
+    # compute
+    compute_dtype: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    device: str = "auto"
+    offload_device: str = "cpu"
+    preset: str | None = None
+
+    # ------------------------------------------------------------------------------------------------------------
+    def validate(self, num_blocks: int | None = None) -> "CompressConfig":
+        def need(cond: bool, msg: str) -> None:
+            if not cond:
+                raise ConfigError(msg)
+
+        if self.blocks is not None:
+            need(len(self.blocks) >= 1 and len(set(self.blocks)) == len(self.blocks),
+                 f"--blocks must list distinct block indices, got {self.blocks}")
+            self.remove = len(self.blocks)
+        if self.remove is None:
+            need(self.sparsity is not None, "set --sparsity (a fraction in (0, 1)) or --remove K")
+            need(0 < float(self.sparsity) < 1, f"--sparsity must be in (0, 1), got {self.sparsity}; e.g. 0.25")
+        else:
+            need(int(self.remove) >= 1, f"--remove must be >= 1, got {self.remove}")
+        need(self.mode in MODES, f"--mode must be one of {MODES}, got {self.mode!r}")
+        need(self.train in TRAIN_MODES, f"--train must be one of {TRAIN_MODES}, got {self.train!r}")
+        need(self.loss in LOSSES, f"--loss must be one of {LOSSES}, got {self.loss!r}")
+        need(self.coef in COEFS, f"--coef must be one of {COEFS}, got {self.coef!r}")
+        need(self.compute_dtype in COMPUTE, f"--compute-dtype must be one of {COMPUTE}, got {self.compute_dtype!r}")
+        need(self.group_size >= 1, f"--group-size must be >= 1, got {self.group_size}")
+        need(self.coef_rank >= 1, f"--coef-rank must be >= 1, got {self.coef_rank}")
+        need(self.lora_rank >= 0, f"--lora-rank must be >= 0, got {self.lora_rank}")
+        need(self.epochs >= 0, f"--epochs must be >= 0, got {self.epochs}")
+        need(self.lr >= 0 and self.coef_lr >= 0, "learning rates must be >= 0")
+        need(self.batch_size >= 1, f"--batch-size must be >= 1, got {self.batch_size}")
+        need(self.nsamples >= 1, f"--nsamples must be >= 1, got {self.nsamples}")
+        need(self.seqlen >= 2, f"--seqlen must be >= 2, got {self.seqlen}")
+        need(
+            1 <= self.score_samples <= self.nsamples,
+            f"--score-samples ({self.score_samples}) must be between 1 and --nsamples ({self.nsamples}): "
+            "the scoring set is the first calibration samples",
+        )
+        if num_blocks is not None:
+            k = num_removals(self, num_blocks)
+            if self.blocks is not None:
+                bad = [b for b in self.blocks if not 0 <= b < num_blocks]
+                need(not bad, f"--blocks {bad} out of range for a model with {num_blocks} blocks (0..{num_blocks - 1})")
+            need(k < num_blocks, f"removing {k} of {num_blocks} blocks would remove every block; lower --sparsity/--remove")
+            need(
+                self.group_size <= num_blocks - 1,
+                f"--group-size {self.group_size} is larger than the {num_blocks - 1} other blocks of the model",
+            )
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], *, base: "CompressConfig | None" = None) -> "CompressConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ConfigError(f"unknown config keys {unknown}; known keys: {sorted(known)}")
+        merged = dataclasses.asdict(base or cls())
+        merged.update({k.replace("-", "_"): v for k, v in data.items()})
+        if isinstance(merged.get("betas"), list):
+            merged["betas"] = tuple(merged["betas"])
+        return cls(**merged)
+
+    @classmethod
+    def from_preset(cls, name: str, **overrides: Any) -> "CompressConfig":
+        if name not in PRESETS:
+            raise ConfigError(f"unknown preset {name!r}; presets: {', '.join(sorted(PRESETS))}")
+        return cls.from_dict({**PRESETS[name], "preset": name, **overrides})
+
+
+def num_removals(cfg: CompressConfig, num_blocks: int) -> int:
+    """ceil(L * sparsity), or ``cfg.remove``."""
+    if cfg.remove is not None:
+        return int(cfg.remove)
+    return int(math.ceil(num_blocks * float(cfg.sparsity) - 1e-9))
+
+
+# The reference implementation's hyperparameters (FuseGPT public code), see docs/METHOD.md for every difference.
+PAPER = dict(
+    mode="iterative", group_size=7, coef="lowrank", coef_rank=128, lora_rank=128, train="coef+lora",
+    loss="kl-batch", epochs=20, lr=9.65e-6, coef_lr=1e-3, betas=(0.9, 0.95), batch_size=8, shuffle=False,
+    nsamples=1024, score_samples=32, seqlen=2048, compute_dtype="fp32", consolidate=False,
+)
+# Chosen by measurement on SmolLM2-135M, 2 CPU cores (docs/RESULTS.md, ablation table).
+CPU = dict(
+    mode="iterative", group_size=7, coef="lowrank", coef_rank=128, lora_rank=128, train="coef+lora",
+    loss="mse", epochs=4, lr=9.65e-6, coef_lr=1e-3, batch_size=8, shuffle=True,
+    nsamples=32, score_samples=8, seqlen=256, compute_dtype="auto", consolidate=True,
+)
+PRESETS: dict[str, dict[str, Any]] = {"paper": PAPER, "cpu": CPU}
+
+
+def load_config_file(path: str | Path) -> dict[str, Any]:
+    """Read a YAML or JSON config file into a dict (keys are validated by CompressConfig.from_dict)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {str(path)!r} does not exist")
+    text = path.read_text(encoding="utf-8")
+    try:
+        if path.suffix in (".yaml", ".yml"):
+            import yaml
+
+            data = yaml.safe_load(text) or {}
+        else:
+            data = json.loads(text)
+    except Exception as exc:  # noqa: BLE001 - parser errors of two libraries
+        raise ConfigError(f"config file {str(path)!r} is not valid {'YAML' if path.suffix != '.json' else 'JSON'}: {exc}")
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {str(path)!r} must hold a mapping of keys to values")
+    return {k.replace("-", "_"): v for k, v in data.items()}

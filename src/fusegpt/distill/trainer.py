@@ -1,0 +1,146 @@
+"""Group-level distillation: train the fused group so its output matches the original group's."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..activations import Runner
+from .losses import get_loss
+from .schedule import cosine_factor
+
+__all__ = ["TrainSettings", "TrainResult", "ParamGroup", "train_group", "group_loss"]
+
+
+@dataclass
+class ParamGroup:
+    name: str
+    params: list[nn.Parameter]
+    lr: float
+
+
+@dataclass
+class TrainSettings:
+    loss: str = "mse"
+    epochs: int = 4
+    batch_size: int = 8
+    betas: tuple[float, float] = (0.9, 0.95)
+    eps: float = 1e-8
+    weight_decay: float = 0.0
+    shuffle: bool = True
+
+
+@dataclass
+class TrainResult:
+    epoch_losses: list[float] = field(default_factory=list)
+    steps: int = 0
+    nonfinite: bool = False
+    restored: bool = False
+    seconds: float = 0.0
+    tokens: int = 0  # tokens passed forward+backward through the group
+
+
+@torch.no_grad()
+def group_loss(runner: Runner, blocks: Sequence[nn.Module], kinds: Sequence[str], inputs: torch.Tensor,
+               targets: torch.Tensor, loss: str) -> float:
+    """Mean loss of the group on [N, T, H] inputs vs. targets (no gradients), mini-batched."""
+    fn = get_loss(loss)
+    total, n = 0.0, 0
+    for s in range(0, inputs.shape[0], runner.batch_size):
+        x = inputs[s : s + runner.batch_size].to(runner.device)
+        y = targets[s : s + runner.batch_size].to(runner.device)
+        out = runner.forward_blocks(blocks, kinds, x)
+        total += float(fn(out, y)) * x.shape[0]
+        n += x.shape[0]
+    return total / max(n, 1)
+
+
+def train_group(
+    runner: Runner,
+    blocks: Sequence[nn.Module],
+    kinds: Sequence[str],
+    inputs: torch.Tensor,
+    targets: torch.Tensor,
+    groups: Sequence[ParamGroup],
+    settings: TrainSettings,
+    *,
+    generator: torch.Generator | None = None,
+    desc: str | None = None,
+    on_epoch: Callable[[int, float], None] | None = None,
+) -> TrainResult:
+    """Adam + cosine schedule over ``epochs`` passes of mini-batches.
+
+    ``inputs`` / ``targets``: [N, T, H] on the offload device. A non-finite loss stops training and restores
+    every trained parameter to its value before training (``result.restored``).
+    """
+    res = TrainResult()
+    params = [p for g in groups for p in g.params]
+    if settings.epochs == 0 or not params:
+        return res
+    t0 = time.perf_counter()
+    snapshot = [p.detach().clone() for p in params]
+    for p in params:
+        p.requires_grad_(True)
+    opt = torch.optim.Adam(
+        [{"params": g.params, "lr": g.lr} for g in groups if g.params],
+        betas=settings.betas, eps=settings.eps, weight_decay=settings.weight_decay,
+    )
+    base_lrs = [pg["lr"] for pg in opt.param_groups]
+    fn = get_loss(settings.loss)
+    n = inputs.shape[0]
+    per_epoch = (n + settings.batch_size - 1) // settings.batch_size
+    total_steps = settings.epochs * per_epoch
+    for block in blocks:
+        block.train()
+    bar = tqdm(total=total_steps, desc=desc, disable=desc is None, leave=False)
+    try:
+        for epoch in range(settings.epochs):
+            order = torch.randperm(n, generator=generator) if settings.shuffle else torch.arange(n)
+            running, seen = 0.0, 0
+            for s in range(0, n, settings.batch_size):
+                idx = order[s : s + settings.batch_size]
+                x = inputs[idx].to(runner.device)
+                y = targets[idx].to(runner.device)
+                for pg, lr in zip(opt.param_groups, base_lrs):
+                    pg["lr"] = lr * cosine_factor(res.steps, total_steps)
+                out = runner.forward_blocks(blocks, kinds, x)
+                loss = fn(out, y)
+                if not torch.isfinite(loss):
+                    res.nonfinite = True
+                    break
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                res.steps += 1
+                res.tokens += x.shape[0] * x.shape[1]
+                running += float(loss.detach()) * x.shape[0]
+                seen += x.shape[0]
+                bar.update(1)
+                bar.set_postfix(epoch=f"{epoch + 1}/{settings.epochs}", loss=f"{float(loss.detach()):.4g}")
+            if res.nonfinite:
+                break
+            res.epoch_losses.append(running / max(seen, 1))
+            if on_epoch is not None:
+                on_epoch(epoch, res.epoch_losses[-1])
+        if not res.nonfinite and not all(torch.isfinite(p).all() for p in params):
+            res.nonfinite = True
+    finally:
+        bar.close()
+        for block in blocks:
+            block.eval()
+        for p in params:
+            p.grad = None
+    if res.nonfinite:
+        with torch.no_grad():
+            for p, old in zip(params, snapshot):
+                p.copy_(old)
+        res.restored = True
+    for p in params:
+        p.requires_grad_(False)
+    res.seconds = time.perf_counter() - t0
+    return res

@@ -1,0 +1,81 @@
+"""Plots of a compression report (matplotlib, headless)."""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+from typing import Sequence
+
+__all__ = ["plot_scores", "plot_losses"]
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig, path: str | os.PathLike) -> Path:
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=120, bbox_inches="tight")
+    os.replace(tmp, path)
+    return path
+
+
+def plot_scores(rows: Sequence[tuple[int, dict[int, float], int]], num_blocks: int, path: str | os.PathLike,
+                title: str = "Macro Influence per block") -> Path:
+    """Heat map: one row per scored iteration (step, {original block: score}, removed block)."""
+    plt = _plt()
+    import numpy as np
+
+    data = np.full((len(rows), num_blocks), np.nan)
+    for r, (_, scores, _) in enumerate(rows):
+        for b, v in scores.items():
+            data[r, b] = v
+    fig, ax = plt.subplots(figsize=(max(6, num_blocks * 0.3), 1.2 + 0.45 * len(rows)))
+    shown = np.log10(np.clip(data, 1e-6, None))
+    im = ax.imshow(shown, aspect="auto", cmap="viridis", interpolation="nearest")
+    for r, (_, _, removed) in enumerate(rows):
+        ax.add_patch(plt.Rectangle((removed - 0.5, r - 0.5), 1, 1, fill=False, edgecolor="red", lw=2))
+    ax.set_xlabel("original block index")
+    ax.set_ylabel("iteration")
+    ax.set_yticks(range(len(rows)), [str(s + 1) for s, _, _ in rows])
+    ax.set_xticks(range(0, num_blocks, max(1, num_blocks // 15)))
+    fig.colorbar(im, ax=ax, label="log10 score")
+    ax.set_title(f"{title} (red: removed; blank: already removed)")
+    fig_path = _save(fig, path)
+    plt.close(fig)
+    return fig_path
+
+
+def plot_losses(steps: Sequence[tuple[int, list[float], float | None, float | None]], path: str | os.PathLike,
+                loss_name: str) -> Path:
+    """Left: training loss per epoch for every step; right: group loss before/after per step (log scale)."""
+    plt = _plt()
+    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
+    for removed, losses, _, _ in steps:
+        if losses:
+            a.plot(range(1, len(losses) + 1), losses, marker="o", label=f"block {removed}")
+    a.set_xlabel("epoch")
+    a.set_ylabel(f"train loss ({loss_name})")
+    a.set_yscale("log")
+    if steps:
+        a.legend(fontsize=7, ncol=2)
+    xs = list(range(1, len(steps) + 1))
+    before = [s[2] if s[2] is not None else math.nan for s in steps]
+    after = [s[3] if s[3] is not None else math.nan for s in steps]
+    b.plot(xs, before, marker="o", label="before (plain removal)")
+    b.plot(xs, after, marker="o", label="after distillation")
+    b.set_xlabel("step")
+    b.set_ylabel(f"group loss ({loss_name})")
+    b.set_yscale("log")
+    b.legend()
+    fig.tight_layout()
+    out = _save(fig, path)
+    plt.close(fig)
+    return out
