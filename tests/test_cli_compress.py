@@ -8,29 +8,6 @@ import torch
 
 from fusegpt.cli import main
 
-from conftest import tiny_config
-
-
-@pytest.fixture(scope="module")
-def tiny_folder(tmp_path_factory):
-    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
-    from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
-
-    from fusegpt.data import load_text
-
-    folder = tmp_path_factory.mktemp("tiny-llama")
-    tok = Tokenizer(models.BPE(unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<unk>", "<s>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator([load_text("wikitext2-valid")[:200_000]], trainer)
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>")
-    cfg = tiny_config("llama", 6)
-    cfg.vocab_size = len(fast)
-    torch.manual_seed(0)
-    AutoModelForCausalLM.from_config(cfg).save_pretrained(folder)
-    fast.save_pretrained(folder)
-    return folder
 
 
 def test_compress_cli_writes_checkpoint_report_plots(tiny_folder, tmp_path, capsys):

@@ -193,6 +193,60 @@ def _print_compress_summary(rep, out) -> None:
     print(f"wrote {out} (checkpoint, fusegpt_report.json, mi.png, loss.png)")
 
 
+# ---- bench -------------------------------------------------------------------------------------------------------
+def cmd_bench(args: argparse.Namespace) -> int:
+    import json as _json
+
+    from .benchmark import BenchConfig, bench_models
+    from .device import resolve_device
+    from .models import load_model
+    from .plots import plot_bench, plot_pareto
+    from .report import format_table, to_jsonable, write_json
+
+    device = resolve_device(args.device)
+    names = list(args.models) + ([args.vs] if args.vs and args.vs not in args.models else [])
+    if len(set(names)) != len(names):
+        raise ValueError("each model may be given once")
+    loaded = {n: load_model(n, device=device) for n in names}
+    cfg = BenchConfig(prefill_tokens=args.prefill_tokens, decode_tokens=args.decode_tokens,
+                      decode_batches=tuple(args.decode_batches), repeats=args.repeats, dtype=args.dtype,
+                      memory=not args.no_memory)
+    rep = bench_models({n: lm.model for n, lm in loaded.items()}, cfg, reference=args.vs,
+                       names_for_memory={n: n for n in names})
+    data = to_jsonable(rep)
+    ppl: dict[str, float] = {}
+    if args.ppl:
+        from .evaluate import evaluate_perplexity
+
+        for n, lm in loaded.items():
+            ppl[n] = evaluate_perplexity(lm.model, lm.tokenizer, desc=f"perplexity ({n})").ppl
+        data["ppl"] = ppl
+    rows = []
+    for m in data["models"]:
+        row = [m["name"], m["layers"], m["params"], m["prefill"]["median_s"] * 1e3]
+        row += [m["decode"][f"b{b}"]["tokens_per_second"] for b in cfg.decode_batches]
+        row += [m["macs_prefill"]["total"] / 1e6, (m["peak_rss_bytes"] or 0) / 2**20]
+        rows.append(row)
+    print(format_table(["model", "layers", "params", "prefill ms (median)",
+                        *[f"decode tok/s b{b}" for b in cfg.decode_batches], "MMACs/token", "peak RSS MiB"], rows))
+    for c in data["comparisons"]:
+        print(f"{c['model']} vs {c['vs']}: " + ", ".join(
+            f"{k} measured {c['speedup_measured'][k]:.3f}x / ideal {c['speedup_ideal'][k]:.3f}x = "
+            f"{c['measured_over_ideal'][k]:.3f}" for k in c["speedup_measured"]))
+    if len(data["comparisons"]) == 1:  # one pair: the figures at top level too
+        for key in ("speedup_measured", "speedup_ideal", "measured_over_ideal"):
+            data[key] = data["comparisons"][0][key]
+    if args.json:
+        write_json(args.json, data)
+    if args.plot:
+        plot_bench(data["models"], args.plot)
+        if ppl and data["comparisons"]:
+            pts = [(c["model"], c["speedup_measured"]["prefill"], ppl[c["model"]]) for c in data["comparisons"]]
+            pts.append((args.vs, 1.0, ppl[args.vs]))
+            plot_pareto(pts, Path(args.plot).with_name(Path(args.plot).stem + "-pareto.png"))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
 
@@ -225,6 +279,21 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_flags(p)
     _add_common(p)
     p.set_defaults(func=cmd_compress)
+
+    p = sub.add_parser("bench", help="latency, throughput, memory and MACs; speedups against --vs")
+    p.add_argument("models", nargs="+", help="models to measure (alias, .gguf or folder)")
+    p.add_argument("--vs", default=None, help="reference model; speedups are reference time / model time")
+    p.add_argument("--prefill-tokens", type=int, default=512)
+    p.add_argument("--decode-tokens", type=int, default=128)
+    p.add_argument("--decode-batches", type=_int_list, default=[1, 8])
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--dtype", default=None, help="autocast dtype for timed regions (e.g. bf16 on a GPU)")
+    p.add_argument("--no-memory", action="store_true", help="skip the peak-memory probe (a fresh process per model)")
+    p.add_argument("--ppl", action="store_true", help="also WikiText-2 PPL of every model (for the Pareto plot)")
+    p.add_argument("--json", type=Path)
+    p.add_argument("--plot", type=Path, help="bench.png (and <name>-pareto.png with --ppl)")
+    _add_common(p)
+    p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("demo", help="the main job: compress the embedded default model and compare")
     p.add_argument("--out", type=Path, default=None, help="output folder (default runs/demo-<time>)")

@@ -7,7 +7,7 @@ import os
 from pathlib import Path
 from typing import Sequence
 
-__all__ = ["plot_scores", "plot_losses"]
+__all__ = ["plot_scores", "plot_losses", "plot_bench", "plot_pareto"]
 
 
 def _plt():
@@ -75,6 +75,46 @@ def plot_losses(steps: Sequence[tuple[int, list[float], float | None, float | No
     b.set_ylabel(f"group loss ({loss_name})")
     b.set_yscale("log")
     b.legend()
+    fig.tight_layout()
+    out = _save(fig, path)
+    plt.close(fig)
+    return out
+
+
+def plot_bench(rows: Sequence[dict], path: str | os.PathLike) -> Path:
+    """Bars: prefill latency (ms) and decode throughput (tokens/s) per model; rows are ModelBench dicts."""
+    plt = _plt()
+    names = [r["name"] for r in rows]
+    batches = sorted(rows[0]["decode"], key=lambda k: int(k[1:]))
+    fig, axes = plt.subplots(1, 1 + len(batches), figsize=(4 * (1 + len(batches)), 3.6))
+    pre = [r["prefill"]["median_s"] * 1e3 for r in rows]
+    err = [[(r["prefill"]["median_s"] - r["prefill"]["min_s"]) * 1e3 for r in rows],
+           [(r["prefill"]["max_s"] - r["prefill"]["median_s"]) * 1e3 for r in rows]]
+    axes[0].bar(names, pre, yerr=err, color="tab:blue")
+    axes[0].set_title(f"prefill latency (ms), batch 1")
+    for ax, b in zip(axes[1:], batches):
+        axes_vals = [r["decode"][b]["tokens_per_second"] for r in rows]
+        ax.bar(names, axes_vals, color="tab:green")
+        ax.set_title(f"decode tokens/s, batch {b[1:]}")
+    for ax in axes:
+        ax.tick_params(axis="x", rotation=20, labelsize=8)
+    fig.tight_layout()
+    out = _save(fig, path)
+    plt.close(fig)
+    return out
+
+
+def plot_pareto(points: Sequence[tuple[str, float, float]], path: str | os.PathLike,
+                ylabel: str = "WikiText-2 PPL") -> Path:
+    """Quality vs measured speedup: (label, speedup, quality) per model."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(5.5, 4))
+    for label, x, y in points:
+        ax.scatter([x], [y])
+        ax.annotate(label, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
+    ax.set_xlabel("measured prefill speedup vs reference")
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3)
     fig.tight_layout()
     out = _save(fig, path)
     plt.close(fig)
