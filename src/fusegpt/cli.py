@@ -72,6 +72,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from .report import format_table, write_json
 
     device = resolve_device(args.device)
+    if args.tasks:
+        from .evaluate.zeroshot import resolve_tasks
+
+        tasks = resolve_tasks([t for t in args.tasks.split(",") if t])  # fail fast, before loading
+        loaded = load_model(args.model, device=device)
+        return _eval_tasks(args, loaded, tasks)
     loaded = load_model(args.model, device=device)
     res = evaluate_perplexity(
         loaded.model, loaded.tokenizer, source=args.source, seqlen=args.seqlen, max_windows=args.max_windows,
@@ -85,6 +91,22 @@ def cmd_eval(args: argparse.Namespace) -> int:
     ))
     if args.json:
         write_json(args.json, {"model": args.model, "layers": layers, "params": params, "perplexity": res})
+    return 0
+
+
+def _eval_tasks(args: argparse.Namespace, loaded, tasks: list[str]) -> int:
+    from .evaluate.zeroshot import evaluate_tasks
+    from .report import write_json
+
+    res = evaluate_tasks(loaded.model, loaded.tokenizer, tasks, limit=args.limit, batch_size=args.batch_size)
+    for table in res.pop("table"):
+        print(table)
+    avg = res["average"]
+    print(f"average over {avg['tasks']} tasks: acc {avg['acc']:.4f}, acc_norm {avg['acc_norm']:.4f} "
+          f"(acc_norm where the task reports it)")
+    print("seconds per task: " + ", ".join(f"{k} {v:.0f}" for k, v in res["seconds"].items()))
+    if args.json:
+        write_json(args.json, {"model": args.model, **res})
     return 0
 
 
@@ -257,6 +279,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("eval", help="WikiText-2 perplexity of a model")
     p.add_argument("model", nargs="?", default=DEFAULT_MODEL, help=f"alias, .gguf file or HF folder ({DEFAULT_MODEL})")
     _add_ppl(p)
+    p.add_argument("--tasks", default=None,
+                   help="zero-shot tasks through lm-eval instead of PPL: arc_easy,arc_challenge,piqa,boolq,"
+                        "openbookqa,lambada,mmlu (or mmlu_<subject>)")
+    p.add_argument("--limit", type=int, default=None, help="first N examples of every task (lm-eval --limit)")
     p.add_argument("--json", type=Path, help="write the result as JSON")
     _add_common(p)
     p.set_defaults(func=cmd_eval)
