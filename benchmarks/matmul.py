@@ -10,21 +10,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
-import time
-
 import torch
+
+from fusegpt.device import matmul_flops_per_second
 
 
 def rate(n: int, dtype: torch.dtype, repeats: int) -> float:
-    a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
-    a @ b
-    ts = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        a @ b
-        ts.append(time.perf_counter() - t)
-    return 2 * n**3 / statistics.median(ts)
+    return matmul_flops_per_second(torch.device("cpu"), dtype, n=n, repeats=repeats)
 
 
 def main() -> None:

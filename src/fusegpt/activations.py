@@ -17,7 +17,7 @@ from torch import nn
 from .adapters import Adapter, BlockContext
 from .device import autocast
 
-__all__ = ["Runner", "capture_block_inputs"]
+__all__ = ["Runner", "ActivationCache"]
 
 
 @dataclass
@@ -121,11 +121,6 @@ class Runner:
         return self.run(blocks, kinds, hidden, keep_each=keep_each)
 
 
-def capture_block_inputs(runner: Runner, input_ids: torch.Tensor) -> torch.Tensor:
-    """Inputs of block 0 for every sequence: [N, T] -> [N, T, H] on the offload device."""
-    return runner.embed(input_ids)
-
-
 class ActivationCache:
     """Inputs of every block of the current model for a fixed set of sequences, filled lazily.
 
@@ -137,10 +132,6 @@ class ActivationCache:
     def __init__(self, runner: Runner, input_ids: torch.Tensor) -> None:
         self.runner = runner
         self.entries: list[torch.Tensor] = [runner.embed(input_ids)]
-
-    @property
-    def num_samples(self) -> int:
-        return self.entries[0].shape[0]
 
     @property
     def valid(self) -> int:

@@ -52,6 +52,17 @@ def param_groups(receivers: list[nn.Module], train: str, coef_lr: float, lr: flo
     return [g for g in groups if g.params]
 
 
+def _group_losses(job: Job, blocks: list[nn.Module], kinds: list[str], x: torch.Tensor,
+                  y: torch.Tensor) -> tuple[float, float]:
+    """(configured loss, MSE) of the group on x vs y, counted as evaluation FLOPs."""
+    runner, loss = job.runner, job.config.loss
+    m0 = runner.macs
+    value = group_loss(runner, blocks, kinds, x, y, loss)
+    mse = group_loss(runner, blocks, kinds, x, y, "mse") if loss != "mse" else value
+    job.flops["eval"] += 2 * (runner.macs - m0)
+    return value, mse
+
+
 @register_method("fusegpt")
 def run_fusegpt(job: Job) -> list[StepReport]:
     cfg, ad, runner = job.config, job.adapter, job.runner
@@ -102,19 +113,13 @@ def run_fusegpt(job: Job) -> list[StepReport]:
         skinds = [kinds[i] for i in recv]
         inject_donor(ad, blocks[p], student, coef_kind=cfg.coef, coef_rank=cfg.coef_rank, lora_rank=lora_rank,
                      generator=job.generator)
-        m0 = runner.macs
-        before = group_loss(runner, student, skinds, x[:S], y[:S], cfg.loss)
-        mse_before = group_loss(runner, student, skinds, x[:S], y[:S], "mse") if cfg.loss != "mse" else before
-        job.flops["eval"] += 2 * (runner.macs - m0)
+        before, mse_before = _group_losses(job, student, skinds, x[:S], y[:S])
         m0 = runner.macs
         desc = f"{tag} fusing block {orig[p]} into {orig[recv[0]]}..{orig[recv[-1]]}"
         res = train_group(runner, student, skinds, x, y, param_groups(student, cfg.train, cfg.coef_lr, cfg.lr),
                           settings, generator=job.generator, desc=desc)
         job.flops["train"] += 3 * 2 * (runner.macs - m0)  # forward + backward (~2x forward)
-        m0 = runner.macs
-        after = group_loss(runner, student, skinds, x[:S], y[:S], cfg.loss)
-        mse_after = group_loss(runner, student, skinds, x[:S], y[:S], "mse") if cfg.loss != "mse" else after
-        job.flops["eval"] += 2 * (runner.macs - m0)
+        after, mse_after = _group_losses(job, student, skinds, x[:S], y[:S])
         if res.nonfinite:
             log.warning("%s non-finite loss: training stopped and the group restored to its state before it", tag)
         if cfg.consolidate:
