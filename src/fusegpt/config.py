@@ -52,6 +52,15 @@ class CompressConfig:
     weight_decay: float = 0.0
     batch_size: int = 4
     shuffle: bool = True
+    # baselines (see docs/METHOD.md): LaCo merges `laco_layers` consecutive layers into one, skips
+    # `laco_interval` layers after an accepted merge and accepts when the final hidden states keep mean cosine
+    # > `laco_threshold` with the original model's; heal-lora heals the model left by `heal_from`;
+    # fusegpt-global fuses into the `global_receivers` blocks most similar to the removed one
+    laco_layers: int = 4
+    laco_interval: int = 2
+    laco_threshold: float = 0.65
+    heal_from: str = "sleb"
+    global_receivers: int = 2
     # data
     calib: str = "wikitext2-valid"
     nsamples: int = 32
@@ -90,6 +99,11 @@ class CompressConfig:
         need(self.epochs >= 0, f"--epochs must be >= 0, got {self.epochs}")
         need(self.lr >= 0 and self.coef_lr >= 0, "learning rates must be >= 0")
         need(self.batch_size >= 1, f"--batch-size must be >= 1, got {self.batch_size}")
+        need(self.laco_layers >= 2, f"--laco-layers must be >= 2, got {self.laco_layers}")
+        need(self.laco_interval >= 1, f"--laco-interval must be >= 1, got {self.laco_interval}")
+        need(-1 <= self.laco_threshold <= 1, f"--laco-threshold must be a cosine in [-1, 1], got {self.laco_threshold}")
+        need(self.global_receivers >= 1, f"--global-receivers must be >= 1, got {self.global_receivers}")
+        need(self.heal_from not in ("heal-lora",), "--heal-from must name a removal method, not heal-lora")
         need(self.nsamples >= 1, f"--nsamples must be >= 1, got {self.nsamples}")
         need(self.seqlen >= 2, f"--seqlen must be >= 2, got {self.seqlen}")
         need(

@@ -72,11 +72,13 @@ def train_group(
     generator: torch.Generator | None = None,
     desc: str | None = None,
     on_epoch: Callable[[int, float], None] | None = None,
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
 ) -> TrainResult:
     """Adam + cosine schedule over ``epochs`` passes of mini-batches.
 
     ``inputs`` / ``targets``: [N, T, H] on the offload device. A non-finite loss stops training and restores
-    every trained parameter to its value before training (``result.restored``).
+    every trained parameter to its value before training (``result.restored``). ``loss_fn(output, target)``
+    replaces the named ``settings.loss`` (``targets`` may then be anything indexable by sample, e.g. token ids).
     """
     res = TrainResult()
     params = [p for g in groups for p in g.params]
@@ -91,7 +93,7 @@ def train_group(
         betas=settings.betas, eps=settings.eps, weight_decay=settings.weight_decay,
     )
     base_lrs = [pg["lr"] for pg in opt.param_groups]
-    fn = get_loss(settings.loss)
+    fn = loss_fn or get_loss(settings.loss)
     n = inputs.shape[0]
     per_epoch = (n + settings.batch_size - 1) // settings.batch_size
     total_steps = settings.epochs * per_epoch

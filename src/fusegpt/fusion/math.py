@@ -13,7 +13,7 @@ from typing import Sequence
 
 import torch
 
-__all__ = ["fused_weight", "fused_bias"]
+__all__ = ["fused_weight", "fused_bias", "rdsc_merge", "average_merge"]
 
 
 def fused_weight(
@@ -40,4 +40,28 @@ def fused_bias(
     out = bias
     for coef, donor in terms:
         out = out + coef * donor
+    return out
+
+
+def rdsc_merge(base: torch.Tensor, others: Sequence[torch.Tensor]) -> torch.Tensor:
+    """LaCo's Reserving-Differences-while-Seeking-Common merge: theta_l + sum_k (theta_{l+k} - theta_l).
+
+    Returns a new tensor; the inputs are not modified (LaCo's public code updates the base in place inside the
+    sum, which makes every later difference relative to the already-merged base).
+    """
+    out = base.detach().clone()
+    for o in others:
+        out += o.detach() - base.detach()
+    return out
+
+
+def average_merge(tensors: Sequence[torch.Tensor], weights: Sequence[float] | None = None) -> torch.Tensor:
+    """Weighted average of same-shaped tensors (equal weights by default): static fusion of merged layers."""
+    if weights is None:
+        weights = [1.0 / len(tensors)] * len(tensors)
+    if len(weights) != len(tensors) or abs(sum(weights) - 1.0) > 1e-6:
+        raise ValueError("average_merge needs one weight per tensor, summing to 1")
+    out = torch.zeros_like(tensors[0])
+    for w, t in zip(weights, tensors):
+        out += w * t.detach()
     return out

@@ -1,6 +1,6 @@
 """Compression methods behind one registry (``fusegpt compress --method NAME``)."""
 
-from .base import Job, StepReport, get_method, method_names, register_method
-from . import fusegpt  # noqa: F401  (registers "fusegpt")
+from .base import Job, MethodInfo, StepReport, get_method, method_info, method_names, register_method
+from . import fusegpt, drop, merge, heal  # noqa: F401,E401  (register every method)
 
-__all__ = ["Job", "StepReport", "get_method", "method_names", "register_method"]
+__all__ = ["Job", "MethodInfo", "StepReport", "get_method", "method_info", "method_names", "register_method"]

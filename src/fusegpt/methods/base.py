@@ -11,7 +11,7 @@ from ..activations import Runner
 from ..adapters import Adapter
 from ..config import CompressConfig
 
-__all__ = ["Job", "StepReport", "register_method", "get_method", "method_names"]
+__all__ = ["Job", "StepReport", "register_method", "get_method", "method_names", "method_info", "MethodInfo"]
 
 
 @dataclass
@@ -52,14 +52,34 @@ class Job:
         return self.adapter.model
 
 
+@dataclass(frozen=True)
+class MethodInfo:
+    """What a method is, for reports and the compare harness.
+
+    kind: ``drop`` (plain removal: the model's remaining weights are untouched, so two drop methods that pick
+    the same blocks give the same model), ``merge`` (static weight merging, no training), ``fuse`` (learned
+    fusion) or ``heal`` (removal + fine-tuning).
+    """
+
+    name: str
+    kind: str
+    summary: str
+
+
 _METHODS: dict[str, Callable[[Job], list[StepReport]]] = {}
+_INFO: dict[str, MethodInfo] = {}
+KINDS = ("drop", "merge", "fuse", "heal")
 
 
-def register_method(name: str) -> Callable:
+def register_method(name: str, *, kind: str = "fuse", summary: str = "") -> Callable:
+    if kind not in KINDS:
+        raise ValueError(f"method kind must be one of {KINDS}, got {kind!r}")
+
     def deco(fn: Callable[[Job], list[StepReport]]) -> Callable[[Job], list[StepReport]]:
         if name in _METHODS:
             raise ValueError(f"method {name!r} registered twice")
         _METHODS[name] = fn
+        _INFO[name] = MethodInfo(name, kind, summary or (fn.__doc__ or "").strip().split("\n")[0])
         return fn
 
     return deco
@@ -67,6 +87,11 @@ def register_method(name: str) -> Callable:
 
 def method_names() -> list[str]:
     return sorted(_METHODS)
+
+
+def method_info(name: str) -> MethodInfo:
+    get_method(name)
+    return _INFO[name]
 
 
 def get_method(name: str) -> Callable[[Job], list[StepReport]]:

@@ -15,12 +15,12 @@ from torch import nn
 from ..activations import ActivationCache
 from ..distill import ParamGroup, TrainSettings, group_loss, group_window, train_group
 from ..fusion import FusedLinear, inject_donor, merge_fused_linears
-from ..scoring import macro_influence_scores
+from ..scoring import macro_influence_scores, output_similarity
 from .base import Job, StepReport, register_method
 
 log = logging.getLogger(__name__)
 
-__all__ = ["run_fusegpt", "param_groups"]
+__all__ = ["run_fusegpt", "run_fusegpt_global", "fuse_and_remove", "param_groups"]
 
 
 def param_groups(receivers: list[nn.Module], train: str, coef_lr: float, lr: float) -> list[ParamGroup]:
@@ -63,8 +63,22 @@ def _group_losses(job: Job, blocks: list[nn.Module], kinds: list[str], x: torch.
     return value, mse
 
 
-@register_method("fusegpt")
+@register_method("fusegpt", kind="fuse", summary="FuseGPT: MI selection, learnable fusion into the local group")
 def run_fusegpt(job: Job) -> list[StepReport]:
+    return fuse_and_remove(job, receivers="local")
+
+
+@register_method("fusegpt-global", kind="fuse",
+                 summary="FuseGPT fusing into the most similar blocks anywhere (global fusion)")
+def run_fusegpt_global(job: Job) -> list[StepReport]:
+    """The paper's global-fusion contrast: the removed block is fused into the ``global_receivers`` blocks whose
+    outputs are most similar (mean token cosine, scoring samples) to its own output, anywhere in the network;
+    distillation matches the original span from the first to the last of those blocks."""
+    return fuse_and_remove(job, receivers="global")
+
+
+def fuse_and_remove(job: Job, *, receivers: str) -> list[StepReport]:
+    """The FuseGPT loop; ``receivers``: ``local`` (the partial group around the removed block) or ``global``."""
     cfg, ad, runner = job.config, job.adapter, job.runner
     k = job.num_removals
     orig = list(range(ad.num_blocks))  # original index of every current block
@@ -98,7 +112,11 @@ def run_fusegpt(job: Job) -> list[StepReport]:
             p = min(range(len(scores)), key=scores.__getitem__)
         # ---- group and teacher --------------------------------------------------------------------------------
         L = ad.num_blocks
-        recv = group_window(p, L, cfg.group_size)
+        if receivers == "local":
+            recv = group_window(p, L, cfg.group_size)
+        else:
+            sims = output_similarity(score_cache, p, [i for i in range(L) if i != p])
+            recv = sorted(sorted(sims, key=sims.__getitem__, reverse=True)[: cfg.global_receivers])
         span = list(range(min(recv[0], p), max(recv[-1], p) + 1))
         g0 = span[0]
         blocks, kinds = list(ad.blocks), ad.block_kinds()
@@ -109,21 +127,23 @@ def run_fusegpt(job: Job) -> list[StepReport]:
         sec["teacher"] = time.perf_counter() - t
         # ---- fuse and distill ---------------------------------------------------------------------------------
         t = time.perf_counter()
-        student = [blocks[i] for i in recv]
-        skinds = [kinds[i] for i in recv]
-        inject_donor(ad, blocks[p], student, coef_kind=cfg.coef, coef_rank=cfg.coef_rank, lora_rank=lora_rank,
+        # the student runs the span without p; only the receivers get donors and train (local: span - p == recv)
+        student = [blocks[i] for i in span if i != p]
+        skinds = [kinds[i] for i in span if i != p]
+        receiving = [blocks[i] for i in recv]
+        inject_donor(ad, blocks[p], receiving, coef_kind=cfg.coef, coef_rank=cfg.coef_rank, lora_rank=lora_rank,
                      generator=job.generator)
         before, mse_before = _group_losses(job, student, skinds, x[:S], y[:S])
         m0 = runner.macs
         desc = f"{tag} fusing block {orig[p]} into {orig[recv[0]]}..{orig[recv[-1]]}"
-        res = train_group(runner, student, skinds, x, y, param_groups(student, cfg.train, cfg.coef_lr, cfg.lr),
+        res = train_group(runner, student, skinds, x, y, param_groups(receiving, cfg.train, cfg.coef_lr, cfg.lr),
                           settings, generator=job.generator, desc=desc)
         job.flops["train"] += 3 * 2 * (runner.macs - m0)  # forward + backward (~2x forward)
         after, mse_after = _group_losses(job, student, skinds, x[:S], y[:S])
         if res.nonfinite:
             log.warning("%s non-finite loss: training stopped and the group restored to its state before it", tag)
         if cfg.consolidate:
-            for block in student:
+            for block in receiving:
                 merge_fused_linears(block)
         sec["train"] = time.perf_counter() - t
         group_orig = [orig[i] for i in recv]
