@@ -155,12 +155,19 @@ _CONFIG_FLAGS = [
     ("--calib", str, "calibration source: wikitext2-valid, wikitext103-valid, lambada-dev or a .txt/.jsonl path"),
     ("--seed", int, "seed of calibration sampling and initialisation"),
     ("--compute-dtype", str, "auto (bf16 only where measured faster), fp32, bf16 or fp16"),
+    ("--laco-layers", int, "laco: consecutive layers merged into one (C, default 4)"),
+    ("--laco-interval", int, "laco: layers skipped after an accepted merge (I, default 2)"),
+    ("--laco-threshold", float, "laco: accept a merge while the hidden-state cosine stays above T (default 0.65)"),
+    ("--heal-from", str, "heal-lora: the removal method to heal (default sleb)"),
+    ("--global-receivers", int, "fusegpt-global: blocks that receive the removed one (default 2)"),
 ]
+_COMPARE_SKIP = ("--method", "--sparsity", "--remove")
 
 
-def _add_config_flags(p: argparse.ArgumentParser) -> None:
+def _add_config_flags(p: argparse.ArgumentParser, skip: tuple[str, ...] = ()) -> None:
     for flag, typ, help_text in _CONFIG_FLAGS:
-        p.add_argument(flag, type=typ, default=None, help=help_text)
+        if flag not in skip:
+            p.add_argument(flag, type=typ, default=None, help=help_text)
     p.add_argument("--consolidate", dest="consolidate", action="store_true", default=None,
                    help="merge receiving layers after each step (cpu preset)")
     p.add_argument("--no-consolidate", dest="consolidate", action="store_false",
@@ -179,9 +186,9 @@ def config_from_args(args: argparse.Namespace):
     preset = args.preset or values.pop("preset", None) or "cpu"
     for flag, _, _ in _CONFIG_FLAGS:
         key = flag[2:].replace("-", "_")
-        if getattr(args, key) is not None:
+        if getattr(args, key, None) is not None:
             values[key] = getattr(args, key)
-    if args.blocks is not None:
+    if getattr(args, "blocks", None) is not None:
         values["blocks"] = args.blocks
     if args.consolidate is not None:
         values["consolidate"] = args.consolidate
@@ -189,7 +196,51 @@ def config_from_args(args: argparse.Namespace):
         values["sparsity"] = None
     if args.device != "auto":
         values["device"] = args.device
-    return CompressConfig.from_preset(preset, **values).validate()
+    cfg = CompressConfig.from_preset(preset, **values).validate()
+    from .methods import get_method
+
+    get_method(cfg.method)  # unknown names fail here, before any loading
+    get_method(cfg.heal_from)
+    return cfg
+
+
+def _float_list(text: str) -> list[float]:
+    try:
+        return [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, e.g. 0.1,0.25; got {text!r}")
+
+
+# ---- compare -----------------------------------------------------------------------------------------------------
+def cmd_compare(args: argparse.Namespace) -> int:
+    from .compare import run_compare
+    from .methods import method_names
+
+    if args.methods in ("all", None):
+        methods = method_names()
+    else:
+        methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+        unknown = [m for m in methods if m not in method_names()]
+        if unknown:
+            raise ValueError(f"unknown methods {unknown}; available: {', '.join(method_names())} (or all)")
+    tasks = None
+    if args.tasks:
+        from .evaluate.zeroshot import resolve_tasks
+
+        tasks = resolve_tasks([t for t in args.tasks.split(",") if t])
+    if not args.sparsity:
+        raise ValueError("--sparsity needs at least one value, e.g. 0.1,0.25")
+    ns = argparse.Namespace(**vars(args))
+    ns.sparsity = max(args.sparsity)  # the shared config; each row sets its own sparsity
+    base = config_from_args(ns)
+    save = [m.strip() for m in (args.save_models or "").split(",") if m.strip()]
+    data = run_compare(args.model, sparsities=args.sparsity, methods=methods, base=base, out=args.out,
+                       eval_kwargs={"seqlen": args.eval_seqlen, "max_windows": args.eval_windows},
+                       tasks=tasks, limit=args.limit, save_models=save, resume=args.resume,
+                       overwrite=args.overwrite, device=args.device)
+    print((Path(args.out) / "compare.md").read_text(encoding="utf-8"))
+    print(f"wrote {args.out}/compare.md, compare.json, pareto.png ({len(data['rows'])} rows)")
+    return 0
 
 
 def cmd_compress(args: argparse.Namespace) -> int:
@@ -305,6 +356,22 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_flags(p)
     _add_common(p)
     p.set_defaults(func=cmd_compress)
+
+    p = sub.add_parser("compare", help="every method at every sparsity on the same data: compare.md/json, pareto.png")
+    p.add_argument("model", nargs="?", default=DEFAULT_MODEL, help=f"alias, .gguf file or HF folder ({DEFAULT_MODEL})")
+    p.add_argument("--sparsity", type=_float_list, default=[0.1, 0.25], help="comma-separated (default 0.1,0.25)")
+    p.add_argument("--methods", default="all", help="comma-separated method names, or all (default)")
+    p.add_argument("--out", type=Path, required=True, help="output folder (must be empty unless --resume/--overwrite)")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted compare in --out")
+    p.add_argument("--overwrite", action="store_true", help="start again in a non-empty --out")
+    p.add_argument("--save-models", default=None, help="export these methods' models to OUT/models (or all)")
+    p.add_argument("--eval-seqlen", type=int, default=256, help="PPL window length (default 256)")
+    p.add_argument("--eval-windows", type=_windows, default=128, help="PPL windows, or 'all' (default 128)")
+    p.add_argument("--tasks", default=None, help="also zero-shot tasks for every row (see fusegpt eval --tasks)")
+    p.add_argument("--limit", type=int, default=None, help="first N examples of every task")
+    _add_config_flags(p, skip=_COMPARE_SKIP)
+    _add_common(p)
+    p.set_defaults(func=cmd_compare)
 
     p = sub.add_parser("bench", help="latency, throughput, memory and MACs; speedups against --vs")
     p.add_argument("models", nargs="+", help="models to measure (alias, .gguf or folder)")

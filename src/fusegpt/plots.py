@@ -7,7 +7,7 @@ import os
 from pathlib import Path
 from typing import Sequence
 
-__all__ = ["plot_scores", "plot_losses", "plot_bench", "plot_pareto"]
+__all__ = ["plot_scores", "plot_losses", "plot_bench", "plot_pareto", "plot_compare"]
 
 
 def _plt():
@@ -115,6 +115,30 @@ def plot_pareto(points: Sequence[tuple[str, float, float]], path: str | os.PathL
     ax.set_xlabel("measured prefill speedup vs reference")
     ax.set_ylabel(ylabel)
     ax.grid(alpha=0.3)
+    fig.tight_layout()
+    out = _save(fig, path)
+    plt.close(fig)
+    return out
+
+
+def plot_compare(rows: Sequence[dict], path: str | os.PathLike, *, dense_ppl: float | None = None,
+                 title: str = "") -> Path:
+    """PPL vs sparsity, one line per method (log scale), the dense model as a dashed line."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    methods = sorted({r["method"] for r in rows if r["method"] != "dense"})
+    for m in methods:
+        pts = sorted((r["sparsity"], r["ppl"]) for r in rows if r["method"] == m)
+        style = "-o" if m.startswith("fusegpt") else "--."
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], style, label=m, lw=2 if m == "fusegpt" else 1)
+    if dense_ppl is not None:
+        ax.axhline(dense_ppl, color="k", ls=":", lw=1, label=f"dense ({dense_ppl:.2f})")
+    ax.set_yscale("log")
+    ax.set_xlabel("sparsity (fraction of blocks removed)")
+    ax.set_ylabel("WikiText-2 PPL (log)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
     out = _save(fig, path)
     plt.close(fig)

@@ -205,6 +205,7 @@ def evaluate_tasks(model, tokenizer, tasks: list[str], *, limit: int | None = No
             merged[key].update(res.get(key) or {})
         merged.setdefault("table", []).append(_table(res))
     merged["seconds"] = seconds
+    merged["requested"] = tasks
     merged["limit"] = limit
     merged["num_fewshot"] = num_fewshot
     merged["average"] = task_average(merged["results"], tasks)

@@ -1,0 +1,295 @@
+"""``fusegpt compare``: every method at every sparsity on the same calibration samples and the same evaluation.
+
+The model is loaded once; each (method, sparsity) run compresses a fresh deep copy with the same calibration
+windows (sampled once from the shared config), then the result is evaluated under one perplexity protocol (and
+optionally zero-shot tasks). Drop-only methods that pick the same blocks give the same model, so their
+evaluation is shared. Rows are appended to ``rows.jsonl`` as they finish; an interrupted run continues with
+``resume=True``. The naive reference for ``recovery`` is ``drop-mi`` at the same sparsity (the blocks FuseGPT's
+Macro Influence selects, removed without fusion): recovery = (PPL_naive - PPL) / (PPL_naive - PPL_dense).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+from .api import calibration_windows, compress
+from .config import CompressConfig, PRESETS
+from .evaluate import evaluate_perplexity
+from .export import OutputExistsError, export_model
+from .methods import method_info, method_names
+from .report import format_table, to_jsonable, versions, write_json, write_text
+
+log = logging.getLogger(__name__)
+
+__all__ = ["CompareRow", "run_compare", "write_compare", "compress_command", "task_scores", "NAIVE"]
+
+NAIVE = "drop-mi"
+# compare-level settings that must match when a run is resumed
+_RESUME_KEYS = ("model", "config", "eval", "tasks", "limit")
+
+
+@dataclass
+class CompareRow:
+    method: str
+    sparsity: float
+    removed: list[int]
+    params: int
+    layers: int
+    ppl: float
+    recovery: float | None
+    seconds: float
+    command: str
+    kind: str = ""
+    eval_seconds: float = 0.0
+    eval_shared_with: str | None = None
+    tasks: dict[str, float] = field(default_factory=dict)
+    task_average: float | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def task_scores(results: dict[str, dict], tasks: Sequence[str]) -> dict[str, float]:
+    """One number per task: acc_norm where lm-eval reports it, else acc (groups such as mmlu: their acc)."""
+    out = {}
+    for t in tasks:
+        r = results.get(t, {})
+        v = r.get("acc_norm,none", r.get("acc,none"))
+        if v is not None:
+            out[t] = float(v)
+    return out
+
+
+def _flag_value(v: Any) -> str:
+    if isinstance(v, (list, tuple)):
+        return ",".join(str(x) for x in v)
+    return str(v)
+
+
+def compress_command(model: str, cfg: CompressConfig, out: str = "OUT") -> str:
+    """The ``fusegpt compress`` command that reproduces one compare row (flags for keys that differ from the
+    preset)."""
+    preset = cfg.preset or "cpu"
+    ref = CompressConfig.from_preset(preset).to_dict()
+    skip = {"method", "sparsity", "remove", "blocks", "preset", "device", "offload_device"}
+    flags = [f"--method {cfg.method}", f"--sparsity {cfg.sparsity}", f"--preset {preset}"]
+    for k, v in cfg.to_dict().items():
+        if k in skip or ref.get(k) == v:
+            continue
+        if isinstance(v, bool):
+            if k == "consolidate":
+                flags.append("--consolidate" if v else "--no-consolidate")
+            continue
+        flags.append(f"--{k.replace('_', '-')} {_flag_value(v)}")
+    return f"fusegpt compress {model} " + " ".join(flags) + f" --out {out}"
+
+
+def _append_row(path: Path, row: CompareRow) -> None:
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(json.dumps(to_jsonable(row)) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _read_rows(path: Path) -> list[CompareRow]:
+    rows = []
+    if path.is_file():
+        for line in path.read_text(encoding="utf-8").splitlines():
+            if line.strip():
+                try:
+                    rows.append(CompareRow(**json.loads(line)))
+                except (json.JSONDecodeError, TypeError):
+                    log.warning("ignoring a damaged line of %s (an interrupted write)", path)
+    return rows
+
+
+def _prepare_out(out: Path, settings: dict, *, resume: bool, overwrite: bool) -> list[CompareRow]:
+    if out.exists() and not out.is_dir():
+        raise OutputExistsError(f"output path {str(out)!r} exists and is a file; choose another --out")
+    state = out / "compare-settings.json"
+    if out.is_dir() and any(out.iterdir()):
+        if resume and state.is_file():
+            old = json.loads(state.read_text(encoding="utf-8"))
+            diff = [k for k in _RESUME_KEYS if to_jsonable(old.get(k)) != to_jsonable(settings.get(k))]
+            if diff:
+                raise OutputExistsError(
+                    f"--resume: {str(out)!r} was started with different {', '.join(diff)}; use the same settings "
+                    "or another --out")
+            return _read_rows(out / "rows.jsonl")
+        if not overwrite:
+            raise OutputExistsError(
+                f"output folder {str(out)!r} is not empty; pass --resume to continue an interrupted compare there, "
+                "--overwrite to start again, or choose another --out")
+        for name in ("rows.jsonl", "compare.json", "compare.md", "pareto.png", "compare-settings.json"):
+            (out / name).unlink(missing_ok=True)
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(state, settings)
+    return []
+
+
+def run_compare(
+    model_name: str,
+    *,
+    sparsities: Sequence[float],
+    methods: Sequence[str],
+    base: CompressConfig,
+    out: str | os.PathLike,
+    eval_kwargs: dict[str, Any] | None = None,
+    tasks: Sequence[str] | None = None,
+    limit: int | None = None,
+    save_models: Sequence[str] = (),
+    resume: bool = False,
+    overwrite: bool = False,
+    device: str = "auto",
+) -> dict[str, Any]:
+    """Run the comparison and write compare.json / compare.md / pareto.png into ``out``; returns the JSON."""
+    from .device import resolve_device
+    from .models import load_model
+
+    unknown = [m for m in methods if m not in method_names()]
+    if unknown:
+        raise ValueError(f"unknown methods {unknown}; available: {', '.join(method_names())}")
+    bad = [s for s in sparsities if not 0 < s < 1]
+    if bad:
+        raise ValueError(f"sparsities must be in (0, 1), got {bad}")
+    methods = [NAIVE] + [m for m in dict.fromkeys(methods) if m != NAIVE]  # the naive reference runs first
+    eval_kwargs = {"seqlen": 256, "max_windows": 128, "batch_size": 4, **(eval_kwargs or {})}
+    base = copy.deepcopy(base)
+    if base.preset is None:
+        base.preset = "cpu"
+    settings = {"model": model_name, "config": {k: v for k, v in base.to_dict().items()
+                                                 if k not in ("method", "sparsity", "remove", "device")},
+                "eval": eval_kwargs, "tasks": list(tasks or []), "limit": limit,
+                "sparsities": list(sparsities), "methods": list(methods)}
+    out = Path(out)
+    done = _prepare_out(out, settings, resume=resume, overwrite=overwrite)
+    have = {(r.method, r.sparsity) for r in done}
+    rows = list(done)
+    dev = resolve_device(device)
+    loaded = load_model(model_name, device=dev)
+    original, tok = loaded.model, loaded.tokenizer
+    L = original.config.num_hidden_layers
+    calib = calibration_windows(tok, base)
+
+    def evaluate(model) -> tuple[float, float, dict[str, float], float | None]:
+        t = time.perf_counter()
+        ppl = evaluate_perplexity(model, tok, desc="perplexity", **eval_kwargs).ppl
+        scores, avg = {}, None
+        if tasks:
+            from .evaluate.zeroshot import evaluate_tasks
+
+            res = evaluate_tasks(model, tok, list(tasks), limit=limit, batch_size=eval_kwargs["batch_size"] * 4)
+            scores = task_scores(res["results"], res["requested"])
+            avg = sum(scores.values()) / len(scores) if scores else None
+        return ppl, time.perf_counter() - t, scores, avg
+
+    eval_cmd = (f"fusegpt eval {model_name} --seqlen {eval_kwargs['seqlen']} "
+                f"--max-windows {eval_kwargs['max_windows']}")
+    if ("dense", 0.0) not in have:
+        ppl, es, ts, avg = evaluate(original)
+        row = CompareRow("dense", 0.0, [], sum(p.numel() for p in original.parameters()), L, ppl, None, 0.0,
+                         eval_cmd, kind="dense", eval_seconds=es, tasks=ts, task_average=avg)
+        _append_row(out / "rows.jsonl", row)
+        rows.append(row)
+    dense_ppl = next(r.ppl for r in rows if r.method == "dense")
+    shared: dict[tuple[int, ...], CompareRow] = {tuple(sorted(r.removed)): r for r in rows
+                                                if r.kind == "drop" and not r.eval_shared_with}
+    for s in sorted(sparsities):
+        for m in methods:
+            if (m, s) in have:
+                continue
+            cfg = CompressConfig.from_dict({**settings["config"], "method": m, "sparsity": s, "remove": None,
+                                            "device": str(dev)})
+            cfg.validate(L)
+            work = copy.deepcopy(original)
+            log.info("compare: %s at sparsity %s", m, s)
+            rep = compress(work, cfg, calib_ids=calib, source_model=model_name)
+            kind = method_info(m).kind
+            key = tuple(sorted(rep.removed))
+            if kind == "drop" and key in shared:
+                src = shared[key]
+                ppl, es, ts, avg, shared_with = src.ppl, 0.0, src.tasks, src.task_average, f"{src.method}@{src.sparsity}"
+            else:
+                ppl, es, ts, avg = evaluate(work)
+                shared_with = None
+            naive = next((r.ppl for r in rows if r.method == NAIVE and r.sparsity == s), None)
+            if m == NAIVE:
+                naive = ppl
+            recovery = (naive - ppl) / (naive - dense_ppl) if naive is not None and naive != dense_ppl else None
+            extra = {}
+            for st in rep.steps:
+                if "heal" in st.seconds:
+                    extra["heal_seconds"] = st.seconds["heal"]
+                if "threshold" in st.extra:
+                    extra.setdefault("laco_thresholds", []).append(st.extra["threshold"])
+            if "laco_thresholds" in extra:
+                extra["laco_thresholds"] = sorted(set(extra["laco_thresholds"]), reverse=True)
+            row = CompareRow(m, s, rep.removed, rep.params_after, rep.final_layers, ppl, recovery, rep.seconds,
+                             compress_command(model_name, cfg), kind=kind, eval_seconds=es,
+                             eval_shared_with=shared_with, tasks=ts, task_average=avg, extra=extra)
+            if kind == "drop" and shared_with is None:
+                shared[key] = row
+            if m in save_models or "all" in save_models:
+                meta = {"method": m, "sparsity": s, "source_model": model_name, "removed": rep.removed,
+                        "original_num_hidden_layers": L, "config": cfg.to_dict(), "command": row.command}
+                export_model(work, tok, out / "models" / f"{m}-{s}", metadata=meta, overwrite=True)
+            _append_row(out / "rows.jsonl", row)
+            rows.append(row)
+            log.info("compare: %s at %s -> PPL %.3f (%.1f s)", m, s, ppl, rep.seconds)
+            del work
+    data = {"model": model_name, "device": str(dev), "settings": settings, "naive": NAIVE,
+            "dense_ppl": dense_ppl, "rows": [to_jsonable(r) for r in rows], "versions": versions()}
+    write_compare(data, out)
+    return data
+
+
+def _table(rows: list[dict], with_tasks: bool) -> tuple[list[str], list[list[Any]]]:
+    headers = ["method", "kind", "sparsity", "blocks removed", "layers", "params (M)", "WikiText-2 PPL",
+               "recovery vs naive", "seconds"]
+    if with_tasks:
+        headers.append("zero-shot avg")
+    body = []
+    for r in rows:
+        rec = "-" if r["recovery"] is None else f"{r['recovery']:.3f}"
+        secs = f"{r['seconds']:.1f}"
+        if r["extra"].get("heal_seconds") is not None:
+            secs += f" (heal {r['extra']['heal_seconds']:.1f})"
+        line = [r["method"], r["kind"], r["sparsity"], ",".join(map(str, r["removed"])) or "-", r["layers"],
+                f"{r['params'] / 1e6:.2f}", f"{r['ppl']:.2f}", rec, secs]
+        if with_tasks:
+            line.append("-" if r["task_average"] is None else f"{r['task_average']:.4f}")
+        body.append(line)
+    return headers, body
+
+
+def write_compare(data: dict[str, Any], out: Path) -> None:
+    """compare.json, compare.md (table + the command of every row) and pareto.png."""
+    from .plots import plot_compare
+
+    out = Path(out)
+    rows = sorted(data["rows"], key=lambda r: (r["sparsity"], r["ppl"]))
+    write_json(out / "compare.json", {**data, "rows": rows})
+    with_tasks = any(r["task_average"] is not None for r in rows)
+    headers, body = _table(rows, with_tasks)
+    s = data["settings"]
+    lines = [
+        f"# fusegpt compare: {data['model']}", "",
+        f"Device {data['device']}; calibration {s['config']['nsamples']} x {s['config']['seqlen']} tokens of "
+        f"{s['config']['calib']} (seed {s['config']['seed']}, scoring on the first {s['config']['score_samples']}), "
+        f"preset {s['config'].get('preset')}; WikiText-2 test PPL on {s['eval']['max_windows']} windows of "
+        f"{s['eval']['seqlen']} tokens. Recovery = (PPL_naive - PPL) / (PPL_naive - PPL_dense), naive = "
+        f"{data['naive']} at the same sparsity. Seconds = compression time (scoring, search, training), "
+        "not evaluation.", "",
+        "```", format_table(headers, body), "```", "",
+        "Commands that reproduce each row:", "",
+    ]
+    for r in rows:
+        shared = f" (evaluation shared with {r['eval_shared_with']}: same blocks)" if r["eval_shared_with"] else ""
+        lines.append(f"- {r['method']} @ {r['sparsity']}: `{r['command']}`{shared}")
+    write_text(out / "compare.md", "\n".join(lines) + "\n")
+    plot_compare(rows, out / "pareto.png", dense_ppl=data["dense_ppl"], title=data["model"])
