@@ -44,5 +44,9 @@ def test_bench_cli_json_plot_memory(tiny_folder, tmp_path):
     data = json.loads(out.read_text())
     for key in ("speedup_measured", "speedup_ideal", "measured_over_ideal"):
         assert set(data[key]) == {"prefill", "decode_b1", "decode_b2"}
-    assert all(m["peak_rss_bytes"] > 0 for m in data["models"])
+    for m in data["models"]:
+        mem = m["memory"]
+        assert mem["baseline_rss_bytes"] > 0 and mem["load_peak_rss_bytes"] >= mem["baseline_rss_bytes"]
+        if mem["hwm_reset"]:  # Linux: the peak counter was reset after loading
+            assert m["peak_rss_bytes"] >= mem["baseline_rss_bytes"] + mem["model_rss_bytes"] - 2**20
     assert (tmp_path / "bench.png").stat().st_size > 0

@@ -298,10 +298,14 @@ def cmd_bench(args: argparse.Namespace) -> int:
     for m in data["models"]:
         row = [m["name"], m["layers"], m["params"], m["prefill"]["median_s"] * 1e3]
         row += [m["decode"][f"b{b}"]["tokens_per_second"] for b in cfg.decode_batches]
-        row += [m["macs_prefill"]["total"] / 1e6, (m["peak_rss_bytes"] or 0) / 2**20]
+        mem = m.get("memory") or {}
+        mib = lambda k: "-" if mem.get(k) is None else round(mem[k] / 2**20, 1)  # noqa: E731
+        row += [m["macs_prefill"]["total"] / 1e6, round(m["param_bytes"] / 2**20, 1), mib("model_rss_bytes"),
+                mib("peak_rss_over_baseline_bytes"), mib("peak_device_bytes")]
         rows.append(row)
     print(format_table(["model", "layers", "params", "prefill ms (median)",
-                        *[f"decode tok/s b{b}" for b in cfg.decode_batches], "MMACs/token", "peak RSS MiB"], rows))
+                        *[f"decode tok/s b{b}" for b in cfg.decode_batches], "MMACs/token", "param MiB", "model RSS MiB",
+                        "inference peak over baseline MiB", "device peak MiB"], rows))
     for c in data["comparisons"]:
         print(f"{c['model']} vs {c['vs']}: " + ", ".join(
             f"{k} measured {c['speedup_measured'][k]:.3f}x / ideal {c['speedup_ideal'][k]:.3f}x = "

@@ -17,7 +17,7 @@ from .timing import interleaved, time_decode, time_prefill
 
 log = logging.getLogger(__name__)
 
-__all__ = ["BenchConfig", "ModelBench", "BenchReport", "bench_models", "peak_rss_subprocess"]
+__all__ = ["BenchConfig", "ModelBench", "BenchReport", "bench_models", "memory_probe"]
 
 
 @dataclass
@@ -49,7 +49,8 @@ class ModelBench:
     macs_decode: MacsReport
     prefill: dict[str, Any]
     decode: dict[str, dict[str, Any]]
-    peak_rss_bytes: int | None = None
+    peak_rss_bytes: int | None = None  # inference peak of the whole process (see memory_probe)
+    memory: dict[str, Any] | None = None
 
 
 @dataclass
@@ -63,30 +64,65 @@ class BenchReport:
 
 
 _MEM_SCRIPT = """
-import json, resource, sys, torch
+import gc, json, os, resource, sys, torch
 torch.set_num_threads(int(sys.argv[5]))
+device = torch.device(sys.argv[6])
+
+def rss():
+    with open("/proc/self/status") as f:
+        d = dict(l.split(":", 1) for l in f if ":" in l)
+    return int(d["VmRSS"].split()[0]) * 1024, int(d["VmHWM"].split()[0]) * 1024
+
+def reset_hwm():
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
 from fusegpt.models import load_model
-m = load_model(sys.argv[1]).model
+gc.collect()
+base, _ = rss()
+m = load_model(sys.argv[1], device=device).model
+gc.collect()
+loaded, load_peak = rss()
+reset = reset_hwm()
+if device.type == "cuda":
+    torch.cuda.synchronize(); torch.cuda.reset_peak_memory_stats(device)
 g = torch.Generator().manual_seed(0)
 V = m.config.vocab_size
 with torch.no_grad():
-    m(torch.randint(0, V, (1, int(sys.argv[2])), generator=g), use_cache=True)
-    ids = torch.randint(0, V, (int(sys.argv[4]), 16), generator=g)
+    m(torch.randint(0, V, (1, int(sys.argv[2])), generator=g).to(device), use_cache=True)
+    ids = torch.randint(0, V, (int(sys.argv[4]), 16), generator=g).to(device)
     m.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=int(sys.argv[3]),
                min_new_tokens=int(sys.argv[3]), do_sample=False, pad_token_id=0)
-print(json.dumps({"peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}))
+_, peak = rss()
+out = {"baseline_rss_bytes": base, "model_rss_bytes": loaded - base, "load_peak_rss_bytes": load_peak,
+       "peak_rss_bytes": peak if reset else None, "peak_rss_over_baseline_bytes": (peak - base) if reset else None,
+       "hwm_reset": reset}
+if device.type == "cuda":
+    torch.cuda.synchronize()
+    out["peak_device_bytes"] = torch.cuda.max_memory_allocated(device)
+print(json.dumps(out))
 """
 
 
-def peak_rss_subprocess(name: str, cfg: BenchConfig) -> int | None:
-    """Peak resident memory of a fresh process that loads ``name`` and runs one prefill and one decode."""
+def memory_probe(name: str, cfg: BenchConfig, device: str = "cpu") -> dict[str, Any] | None:
+    """Memory of a fresh process that loads ``name`` and runs one prefill and one batched decode.
+
+    Loading has transient peaks (checkpoint reading, GGUF dequantisation) that dwarf inference for small models,
+    so the process's peak-RSS counter is reset after loading (Linux ``clear_refs``) and the figures separate:
+    RSS after imports (baseline), the model's resident size, the inference peak (model + activations + KV cache,
+    whole process) and that peak over the baseline; on CUDA also the device's peak allocated bytes.
+    """
     args = [sys.executable, "-c", _MEM_SCRIPT, name, str(cfg.prefill_tokens), str(cfg.decode_tokens),
-            str(max(cfg.decode_batches)), str(torch.get_num_threads())]
+            str(max(cfg.decode_batches)), str(torch.get_num_threads()), device]
     proc = subprocess.run(args, capture_output=True, text=True, timeout=3600)
     if proc.returncode != 0:
         log.warning("memory probe of %s failed: %s", name, proc.stderr[-500:])
         return None
-    return int(json.loads(proc.stdout.strip().splitlines()[-1])["peak_rss_bytes"])
+    return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
 def _ratio(a: float, b: float) -> float:
@@ -128,7 +164,9 @@ def bench_models(models: dict[str, Any], cfg: BenchConfig, *, reference: str | N
         for row in rows:
             if row.name in names_for_memory:
                 log.info("memory probe: %s", row.name)
-                row.peak_rss_bytes = peak_rss_subprocess(names_for_memory[row.name], cfg)
+                dev = str(next(iter(models.values())).device)
+                row.memory = memory_probe(names_for_memory[row.name], cfg, dev)
+                row.peak_rss_bytes = (row.memory or {}).get("peak_rss_bytes")
     report = BenchReport(config=cfg.__dict__.copy(), device=str(next(iter(models.values())).device),
                          threads=torch.get_num_threads(), models=rows, reference=reference)
     if reference is not None:
@@ -142,8 +180,14 @@ def bench_models(models: dict[str, Any], cfg: BenchConfig, *, reference: str | N
                 k = f"decode_b{b}"
                 measured[k] = _ratio(r.decode[f"b{b}"]["tokens_per_second"], ref.decode[f"b{b}"]["tokens_per_second"])
                 ideal[k] = _ratio(ref.macs_decode.total, r.macs_decode.total)
-            report.comparisons.append({
+            cmp = {
                 "model": r.name, "vs": reference, "speedup_measured": measured, "speedup_ideal": ideal,
                 "measured_over_ideal": {k: _ratio(measured[k], ideal[k]) for k in measured},
-            })
+                "param_bytes_ratio": _ratio(r.param_bytes, ref.param_bytes),
+            }
+            for key in ("model_rss_bytes", "peak_rss_over_baseline_bytes", "peak_device_bytes"):
+                a, b = (r.memory or {}).get(key), (ref.memory or {}).get(key)
+                if a and b:
+                    cmp[f"{key.replace('_bytes', '')}_ratio"] = a / b
+            report.comparisons.append(cmp)
     return report

@@ -1,7 +1,7 @@
 """Static weight-merging baselines (no training).
 
 - ``laco``: Layer Collapse (Yang et al. 2024), RDSC merge: layer l absorbs the C-1 layers after it as
-  theta_l + sum_k (theta_{l+k} - theta_l); a merge is accepted when the mean token cosine between the merged
+  theta_l + sum_k (theta_{l+k} - theta_l) for the attention and MLP projections (norms keep layer l's); a merge is accepted when the mean token cosine between the merged
   model's and the original model's final hidden states (calibration samples) stays above the threshold T. The
   scan starts at the top (l = L - C) and moves down by 1 after a rejection and by I after an acceptance, as in
   the paper's Algorithm 1. To remove exactly the requested number of blocks, the last merge takes only as many
@@ -32,17 +32,22 @@ log = logging.getLogger(__name__)
 __all__ = ["merged_block_params", "run_laco", "run_merge_average"]
 
 
-def _params(block: nn.Module) -> dict[str, torch.Tensor]:
-    return dict(block.named_parameters())
+def _params(block: nn.Module, linears: dict[str, nn.Module] | None) -> dict[str, torch.Tensor]:
+    if linears is None:
+        return dict(block.named_parameters())
+    return {f"{n}.{pn}": p for n, lin in linears.items() for pn, p in lin.named_parameters(recurse=False)}
 
 
-def merged_block_params(blocks: list[nn.Module], how: str) -> dict[str, torch.Tensor]:
+def merged_block_params(blocks: list[nn.Module], how: str, adapter=None) -> dict[str, torch.Tensor]:
     """New parameter values for ``blocks[0]`` merged with the others: ``rdsc`` or ``average``.
 
+    With an ``adapter``, only the block's linears (weights and biases) are merged and norms keep the base
+    block's values (LaCo's code merges the attention and MLP projections); without one, every parameter.
     Every block must have the same parameter names and shapes (plain decoder blocks of one model).
     """
-    base = _params(blocks[0])
-    others = [_params(b) for b in blocks[1:]]
+    lin = (lambda b: adapter.block_linears(b)) if adapter is not None else (lambda b: None)  # noqa: E731
+    base = _params(blocks[0], lin(blocks[0]))
+    others = [_params(b, lin(b)) for b in blocks[1:]]
     for o in others:
         if set(o) != set(base) or any(o[n].shape != base[n].shape for n in base):
             raise ValueError("blocks to merge differ in parameters; merge plain blocks of one model")
@@ -55,8 +60,9 @@ def merged_block_params(blocks: list[nn.Module], how: str) -> dict[str, torch.Te
 
 @torch.no_grad()
 def _load(block: nn.Module, values: dict[str, torch.Tensor]) -> None:
-    for n, p in block.named_parameters():
-        p.copy_(values[n])
+    params = dict(block.named_parameters())
+    for n, v in values.items():
+        params[n].copy_(v)
 
 
 @register_method("laco", kind="merge", summary="LaCo layer collapse (RDSC merge, similarity threshold)")
@@ -83,7 +89,7 @@ def run_laco(job: Job) -> list[StepReport]:
             l = L - c
             continue
         blocks, kinds = list(ad.blocks), ad.block_kinds()
-        values = merged_block_params(blocks[l : l + c], "rdsc")
+        values = merged_block_params(blocks[l : l + c], "rdsc", ad)
         trial = copy.deepcopy(blocks[l])
         _load(trial, values)
         h = runner.run([trial] + blocks[l + c :], [kinds[l]] + kinds[l + c :], cache.get(l))
