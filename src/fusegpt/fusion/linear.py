@@ -26,6 +26,14 @@ class NonFiniteWeightError(FloatingPointError):
 
 
 def _kaiming_(t: torch.Tensor, generator: torch.Generator | None) -> None:
+    """Kaiming-uniform init; drawn on the generator's device and copied, so one seeded CPU generator gives the
+    same initial values whatever device the tensor lives on."""
+    if generator is not None and generator.device != t.device:
+        tmp = torch.empty(t.shape, dtype=torch.float32, device=generator.device)
+        nn.init.kaiming_uniform_(tmp, a=math.sqrt(5), generator=generator)
+        with torch.no_grad():
+            t.copy_(tmp)
+        return
     nn.init.kaiming_uniform_(t, a=math.sqrt(5), generator=generator)
 
 
