@@ -427,7 +427,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
     drop_ppl = evaluate_perplexity(dense.model, dense.tokenizer, desc="perplexity (plain removal)").ppl
     import math
 
-    recovery = (math.log(drop_ppl) - math.log(fused_ppl)) / (math.log(drop_ppl) - math.log(dense_ppl))
+    from .report import recovery as _recovery
+
+    recovery = _recovery(drop_ppl, fused_ppl, dense_ppl)
     rows = [
         ["dense", rep.original_layers, dense_params, dense_ppl, "-", "-"],
         ["plain removal", rep.final_layers, drop_params, drop_ppl, 0.0, 0.0],

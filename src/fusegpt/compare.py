@@ -5,7 +5,8 @@ windows (sampled once from the shared config), then the result is evaluated unde
 optionally zero-shot tasks). Drop-only methods that pick the same blocks give the same model, so their
 evaluation is shared. Rows are appended to ``rows.jsonl`` as they finish; an interrupted run continues with
 ``resume=True``. The naive reference for ``recovery`` is ``drop-mi`` at the same sparsity (the blocks FuseGPT's
-Macro Influence selects, removed without fusion): recovery = (PPL_naive - PPL) / (PPL_naive - PPL_dense).
+Macro Influence selects, removed without fusion): recovery = (ln PPL_naive - ln PPL) / (ln PPL_naive - ln PPL_dense)
+(:func:`fusegpt.report.recovery`, the definition used throughout docs/RESULTS.md).
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from .config import CompressConfig, PRESETS
 from .evaluate import evaluate_perplexity
 from .export import OutputExistsError, export_model
 from .methods import method_info, method_names
-from .report import format_table, to_jsonable, versions, write_json, write_text
+from .report import format_table, recovery, to_jsonable, versions, write_json, write_text
 
 log = logging.getLogger(__name__)
 
@@ -170,6 +171,13 @@ def run_compare(
     done = _prepare_out(out, settings, resume=resume, overwrite=overwrite)
     have = {(r.method, r.sparsity) for r in done}
     rows = list(done)
+    todo = [(m, s) for s in sorted(sparsities) for m in methods if (m, s) not in have]
+    if not todo and ("dense", 0.0) in have:  # everything finished earlier: re-render only
+        data = {"model": model_name, "device": str(resolve_device(device)), "settings": settings, "naive": NAIVE,
+                "dense_ppl": next(r.ppl for r in rows if r.method == "dense"),
+                "rows": [to_jsonable(r) for r in rows], "versions": versions()}
+        write_compare(data, out)
+        return data
     dev = resolve_device(device)
     loaded = load_model(model_name, device=dev)
     original, tok = loaded.model, loaded.tokenizer
@@ -220,7 +228,7 @@ def run_compare(
             naive = next((r.ppl for r in rows if r.method == NAIVE and r.sparsity == s), None)
             if m == NAIVE:
                 naive = ppl
-            recovery = (naive - ppl) / (naive - dense_ppl) if naive is not None and naive != dense_ppl else None
+            rec = recovery(naive, ppl, dense_ppl) if naive is not None else None
             extra = {}
             for st in rep.steps:
                 if "heal" in st.seconds:
@@ -229,7 +237,7 @@ def run_compare(
                     extra.setdefault("laco_thresholds", []).append(st.extra["threshold"])
             if "laco_thresholds" in extra:
                 extra["laco_thresholds"] = sorted(set(extra["laco_thresholds"]), reverse=True)
-            row = CompareRow(m, s, rep.removed, rep.params_after, rep.final_layers, ppl, recovery, rep.seconds,
+            row = CompareRow(m, s, rep.removed, rep.params_after, rep.final_layers, ppl, rec, rep.seconds,
                              compress_command(model_name, cfg), kind=kind, eval_seconds=es,
                              eval_shared_with=shared_with, tasks=ts, task_average=avg, extra=extra)
             if kind == "drop" and shared_with is None:
@@ -273,6 +281,10 @@ def write_compare(data: dict[str, Any], out: Path) -> None:
 
     out = Path(out)
     rows = sorted(data["rows"], key=lambda r: (r["sparsity"], r["ppl"]))
+    naive = {r["sparsity"]: r["ppl"] for r in rows if r["method"] == data["naive"]}
+    for r in rows:  # derived from the PPLs, so a re-render always uses the current definition
+        r["recovery"] = (recovery(naive[r["sparsity"]], r["ppl"], data["dense_ppl"])
+                         if r["method"] != "dense" and r["sparsity"] in naive else None)
     write_json(out / "compare.json", {**data, "rows": rows})
     with_tasks = any(r["task_average"] is not None for r in rows)
     headers, body = _table(rows, with_tasks)
@@ -282,7 +294,7 @@ def write_compare(data: dict[str, Any], out: Path) -> None:
         f"Device {data['device']}; calibration {s['config']['nsamples']} x {s['config']['seqlen']} tokens of "
         f"{s['config']['calib']} (seed {s['config']['seed']}, scoring on the first {s['config']['score_samples']}), "
         f"preset {s['config'].get('preset')}; WikiText-2 test PPL on {s['eval']['max_windows']} windows of "
-        f"{s['eval']['seqlen']} tokens. Recovery = (PPL_naive - PPL) / (PPL_naive - PPL_dense), naive = "
+        f"{s['eval']['seqlen']} tokens. Recovery = (ln PPL_naive - ln PPL) / (ln PPL_naive - ln PPL_dense), naive = "
         f"{data['naive']} at the same sparsity. Seconds = compression time (scoring, search, training), "
         "not evaluation.", "",
         "```", format_table(headers, body), "```", "",

@@ -122,23 +122,39 @@ def plot_pareto(points: Sequence[tuple[str, float, float]], path: str | os.PathL
 
 
 def plot_compare(rows: Sequence[dict], path: str | os.PathLike, *, dense_ppl: float | None = None,
-                 title: str = "") -> Path:
-    """PPL vs sparsity, one line per method (log scale), the dense model as a dashed line."""
+                 title: str = "", clip: float = 10.0) -> Path:
+    """PPL vs sparsity, one line per method (log scale), the dense model as a dotted line.
+
+    The y axis stops at ``clip`` x the dense PPL so that the useful methods stay readable; points above it are
+    drawn as triangles on the top edge and the legend gives the method's lowest PPL.
+    """
     plt = _plt()
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    methods = sorted({r["method"] for r in rows if r["method"] != "dense"})
-    for m in methods:
+    fig, ax = plt.subplots(figsize=(7.5, 4.8))
+    methods = sorted({r["method"] for r in rows if r["method"] != "dense"},
+                     key=lambda m: min(r["ppl"] for r in rows if r["method"] == m))
+    top = clip * dense_ppl if dense_ppl else max(r["ppl"] for r in rows)
+    cmap = plt.get_cmap("tab20")
+    for i, m in enumerate(methods):
         pts = sorted((r["sparsity"], r["ppl"]) for r in rows if r["method"] == m)
-        style = "-o" if m.startswith("fusegpt") else "--."
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], style, label=m, lw=2 if m == "fusegpt" else 1)
+        xs, ys = [p[0] for p in pts], [min(p[1], top) for p in pts]
+        off = [p for p in pts if p[1] > top]
+        label = m if not off else f"{m} (off scale; lowest {min(p[1] for p in pts):.3g})"
+        main = m == "fusegpt"
+        ax.plot(xs, ys, "-" if m.startswith("fusegpt") else "--", color=cmap(i % 20), lw=2.5 if main else 1.2,
+                label=label, zorder=3 if main else 2)
+        ax.scatter([p[0] for p in pts if p[1] <= top], [p[1] for p in pts if p[1] <= top], color=cmap(i % 20),
+                   s=30 if main else 14, zorder=3)
+        if off:
+            ax.scatter([p[0] for p in off], [top] * len(off), marker="^", color=cmap(i % 20), s=30, zorder=3)
     if dense_ppl is not None:
         ax.axhline(dense_ppl, color="k", ls=":", lw=1, label=f"dense ({dense_ppl:.2f})")
     ax.set_yscale("log")
+    ax.set_ylim(top=top * 1.15)
     ax.set_xlabel("sparsity (fraction of blocks removed)")
     ax.set_ylabel("WikiText-2 PPL (log)")
     ax.set_title(title)
     ax.grid(alpha=0.3, which="both")
-    ax.legend(fontsize=7, ncol=2)
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
     fig.tight_layout()
     out = _save(fig, path)
     plt.close(fig)

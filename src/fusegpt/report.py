@@ -10,7 +10,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-__all__ = ["to_jsonable", "write_json", "write_text", "versions", "format_table"]
+__all__ = ["to_jsonable", "write_json", "write_text", "versions", "format_table", "recovery"]
 
 
 def to_jsonable(obj: Any) -> Any:
@@ -58,6 +58,17 @@ def write_text(path: str | os.PathLike, text: str) -> Path:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def recovery(naive_ppl: float, ppl: float, dense_ppl: float) -> float | None:
+    """Share of the naive method's damage that a method recovers, in log-PPL (= mean NLL):
+    (ln PPL_naive - ln PPL) / (ln PPL_naive - ln PPL_dense). 1 = back to dense, 0 = no better than naive."""
+    import math
+
+    den = math.log(naive_ppl) - math.log(dense_ppl)
+    if den == 0:
+        return None
+    return (math.log(naive_ppl) - math.log(ppl)) / den
 
 
 def versions() -> dict[str, str]:
