@@ -111,34 +111,27 @@ def _magnitude(job: Job, cache: ActivationCache, ids: torch.Tensor, desc: str) -
     return magnitude_scores(job.adapter)
 
 
-@register_method("drop-mi", kind="drop", summary="Macro Influence selection, plain removal (no fusion)")
-def run_drop_mi(job: Job) -> list[StepReport]:
-    return remove_by_scores(job, _mi, iterative=job.config.mode == "iterative", name="MI")
+def _scored(scorer: Scorer, iterative: bool | None, label: str) -> Callable[[Job], list[StepReport]]:
+    """A drop method from a scorer; ``iterative=None`` follows the config's ``mode``."""
+
+    def run(job: Job) -> list[StepReport]:
+        it = job.config.mode == "iterative" if iterative is None else iterative
+        return remove_by_scores(job, scorer, iterative=it, name=label)
+
+    return run
 
 
-@register_method("shortgpt", kind="drop", summary="ShortGPT Block Influence, one-shot")
-def run_shortgpt(job: Job) -> list[StepReport]:
-    return remove_by_scores(job, _bi, iterative=False, name="BI")
-
-
-@register_method("sleb", kind="drop", summary="SLEB: iterative removal of the block whose removal costs least NLL")
-def run_sleb(job: Job) -> list[StepReport]:
-    return remove_by_scores(job, _nll, iterative=True, name="SLEB NLL")
-
-
-@register_method("ppl-oneshot", kind="drop", summary="Shortened LLaMA PPL criterion, one-shot")
-def run_ppl_oneshot(job: Job) -> list[StepReport]:
-    return remove_by_scores(job, _nll, iterative=False, name="PPL")
-
-
-@register_method("taylor", kind="drop", summary="Shortened LLaMA first-order Taylor criterion, one-shot")
-def run_taylor(job: Job) -> list[StepReport]:
-    return remove_by_scores(job, _taylor, iterative=False, name="Taylor")
-
-
-@register_method("magnitude", kind="drop", summary="sum |W| per block, one-shot")
-def run_magnitude(job: Job) -> list[StepReport]:
-    return remove_by_scores(job, _magnitude, iterative=False, name="magnitude")
+# name, scorer, iterative (None = config mode), label, summary
+_SCORED = [
+    ("drop-mi", _mi, None, "MI", "Macro Influence selection, plain removal (no fusion)"),
+    ("shortgpt", _bi, False, "BI", "ShortGPT Block Influence, one-shot"),
+    ("sleb", _nll, True, "SLEB NLL", "SLEB: iterative removal of the block whose removal costs least NLL"),
+    ("ppl-oneshot", _nll, False, "PPL", "Shortened LLaMA PPL criterion, one-shot"),
+    ("taylor", _taylor, False, "Taylor", "Shortened LLaMA first-order Taylor criterion, one-shot"),
+    ("magnitude", _magnitude, False, "magnitude", "sum |W| per block, one-shot"),
+]
+for _name, _scorer, _iterative, _label, _summary in _SCORED:
+    register_method(_name, kind="drop", summary=_summary)(_scored(_scorer, _iterative, _label))
 
 
 @register_method("random", kind="drop", summary="seeded random blocks")

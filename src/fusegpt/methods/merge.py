@@ -23,9 +23,9 @@ from torch import nn
 
 from ..activations import ActivationCache
 from ..fusion import average_merge, rdsc_merge
-from ..scoring import macro_influence, macro_influence_scores
+from ..scoring import macro_influence
 from .base import Job, StepReport, register_method
-from .drop import remove_by_scores
+from .drop import _mi, remove_by_scores
 
 log = logging.getLogger(__name__)
 
@@ -128,8 +128,5 @@ def run_merge_average(job: Job) -> list[StepReport]:
         _load(blocks[n], merged_block_params([blocks[n], blocks[p]], "average"))
         return n, {"merged_into": n}
 
-    def scorer(job: Job, cache: ActivationCache, ids, desc: str) -> list[float]:
-        return macro_influence_scores(cache, desc=desc)
-
-    return remove_by_scores(job, scorer, iterative=job.config.mode == "iterative", name="MI",
+    return remove_by_scores(job, _mi, iterative=job.config.mode == "iterative", name="MI",
                             before_remove=before_remove)
