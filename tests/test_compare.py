@@ -102,3 +102,17 @@ def test_unknown_method_is_a_clear_error(tiny_folder, tmp_path, capsys):
     assert main(["compare", str(tiny_folder), "--methods", "fusegpt,nope", "--out", str(tmp_path / "x")]) == 2
     assert "nope" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
+
+
+def test_compare_with_zero_shot_tasks(tiny_folder, tmp_path, monkeypatch):
+    pytest.importorskip("lm_eval")
+    monkeypatch.setenv("FUSEGPT_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "cmpz"
+    assert main(["compare", str(tiny_folder), "--sparsity", "0.2", "--methods", "drop-mi", "--out", str(out),
+                 "--tasks", "arc_easy,boolq", "--limit", "4", *SMALL, *EVAL]) == 0
+    rows = json.loads((out / "compare.json").read_text())["rows"]
+    assert len(rows) == 2  # dense + drop-mi
+    for r in rows:
+        assert set(r["tasks"]) == {"arc_easy", "boolq"}
+        assert r["task_average"] == pytest.approx(sum(r["tasks"].values()) / 2)
+    assert "zero-shot avg" in (out / "compare.md").read_text()
