@@ -46,3 +46,16 @@ def test_config_file_and_flags(tiny_folder, tmp_path):
     bad.write_text("epoch: 3\n")
     assert main(["compress", str(tiny_folder), "--out", str(tmp_path / "o2"), "--config", str(bad)]) == 2
     assert not (tmp_path / "o2").exists()
+
+
+@pytest.mark.parametrize("argv,msg", [
+    (["--method", "sleb", "--blocks", "1,2"], "fusegpt drop"),
+    (["--method", "nope"], "unknown method"),
+    (["--method", "heal-lora", "--heal-from", "heal-lora"], "heal-from"),
+    (["--method", "laco", "--laco-layers", "1"], "laco-layers"),
+])
+def test_bad_method_options_exit_2_before_loading(argv, msg, tmp_path, capsys):
+    out = tmp_path / "o"
+    assert main(["compress", "no-such-model", "--out", str(out), *argv]) == 2
+    assert msg in capsys.readouterr().err
+    assert not out.exists()

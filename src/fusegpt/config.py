@@ -82,6 +82,9 @@ class CompressConfig:
         if self.blocks is not None:
             need(len(self.blocks) >= 1 and len(set(self.blocks)) == len(self.blocks),
                  f"--blocks must list distinct block indices, got {self.blocks}")
+            need(self.method in ("fusegpt", "fusegpt-global"),
+                 f"--blocks fixes the removal order of fusegpt / fusegpt-global, not of {self.method!r}; "
+                 "for plain removal of given blocks use `fusegpt drop --blocks ...`")
             self.remove = len(self.blocks)
         if self.remove is None:
             need(self.sparsity is not None, "set --sparsity (a fraction in (0, 1)) or --remove K")
