@@ -16,13 +16,14 @@ import json
 import logging
 import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
 from .api import calibration_windows, compress
-from .config import CompressConfig, PRESETS
+from .config import CompressConfig
 from .evaluate import evaluate_perplexity
+from .evaluate.perplexity import perplexity_windows
 from .export import OutputExistsError, export_model
 from .methods import method_info, method_names
 from .report import format_table, recovery, to_jsonable, versions, write_json, write_text
@@ -44,10 +45,10 @@ class CompareRow:
     params: int
     layers: int
     ppl: float
-    recovery: float | None
     seconds: float
     command: str
     kind: str = ""
+    recovery: float | None = None  # derived from the PPLs when compare.json is written
     eval_seconds: float = 0.0
     eval_shared_with: str | None = None
     tasks: dict[str, float] = field(default_factory=dict)
@@ -150,7 +151,6 @@ def run_compare(
 ) -> dict[str, Any]:
     """Run the comparison and write compare.json / compare.md / pareto.png into ``out``; returns the JSON."""
     from .device import resolve_device
-    from .models import load_model
 
     unknown = [m for m in methods if m not in method_names()]
     if unknown:
@@ -168,25 +168,35 @@ def run_compare(
                 "eval": eval_kwargs, "tasks": list(tasks or []), "limit": limit,
                 "sparsities": list(sparsities), "methods": list(methods)}
     out = Path(out)
-    done = _prepare_out(out, settings, resume=resume, overwrite=overwrite)
-    have = {(r.method, r.sparsity) for r in done}
-    rows = list(done)
+    rows = _prepare_out(out, settings, resume=resume, overwrite=overwrite)
+    have = {(r.method, r.sparsity) for r in rows}
     todo = [(m, s) for s in sorted(sparsities) for m in methods if (m, s) not in have]
-    if not todo and ("dense", 0.0) in have:  # everything finished earlier: re-render only
-        data = {"model": model_name, "device": str(resolve_device(device)), "settings": settings, "naive": NAIVE,
-                "dense_ppl": next(r.ppl for r in rows if r.method == "dense"),
-                "rows": [to_jsonable(r) for r in rows], "versions": versions()}
-        write_compare(data, out)
-        return data
     dev = resolve_device(device)
+    if todo or ("dense", 0.0) not in have:  # else everything finished earlier: re-render only
+        rows += _run_rows(model_name, dev, base, settings, todo, have, rows, out, eval_kwargs=eval_kwargs,
+                          tasks=tasks, limit=limit, save_models=save_models)
+    data = {"model": model_name, "device": str(dev), "settings": settings, "naive": NAIVE,
+            "dense_ppl": next(r.ppl for r in rows if r.method == "dense"),
+            "rows": [to_jsonable(r) for r in rows], "versions": versions()}
+    write_compare(data, out)
+    return data
+
+
+def _run_rows(model_name: str, dev, base: CompressConfig, settings: dict, todo: list[tuple[str, float]],
+              have: set, done: list[CompareRow], out: Path, *, eval_kwargs: dict[str, Any],
+              tasks: Sequence[str] | None, limit: int | None, save_models: Sequence[str]) -> list[CompareRow]:
+    """Load the model once, then the dense row (if missing) and every (method, sparsity) of ``todo``."""
+    from .models import load_model
+
     loaded = load_model(model_name, device=dev)
     original, tok = loaded.model, loaded.tokenizer
     L = original.config.num_hidden_layers
     calib = calibration_windows(tok, base)
+    windows = perplexity_windows(tok, "wikitext2", eval_kwargs["seqlen"], eval_kwargs["max_windows"])
 
     def evaluate(model) -> tuple[float, float, dict[str, float], float | None]:
         t = time.perf_counter()
-        ppl = evaluate_perplexity(model, tok, desc="perplexity", **eval_kwargs).ppl
+        ppl = evaluate_perplexity(model, tok, desc="perplexity", windows=windows, **eval_kwargs).ppl
         scores, avg = {}, None
         if tasks:
             from .evaluate.zeroshot import evaluate_tasks
@@ -196,64 +206,56 @@ def run_compare(
             avg = sum(scores.values()) / len(scores) if scores else None
         return ppl, time.perf_counter() - t, scores, avg
 
-    eval_cmd = (f"fusegpt eval {model_name} --seqlen {eval_kwargs['seqlen']} "
-                f"--max-windows {eval_kwargs['max_windows']}")
+    new: list[CompareRow] = []
+
+    def keep(row: CompareRow) -> None:
+        _append_row(out / "rows.jsonl", row)
+        new.append(row)
+
     if ("dense", 0.0) not in have:
         ppl, es, ts, avg = evaluate(original)
-        row = CompareRow("dense", 0.0, [], sum(p.numel() for p in original.parameters()), L, ppl, None, 0.0,
-                         eval_cmd, kind="dense", eval_seconds=es, tasks=ts, task_average=avg)
-        _append_row(out / "rows.jsonl", row)
-        rows.append(row)
-    dense_ppl = next(r.ppl for r in rows if r.method == "dense")
-    shared: dict[tuple[int, ...], CompareRow] = {tuple(sorted(r.removed)): r for r in rows
+        eval_cmd = (f"fusegpt eval {model_name} --seqlen {eval_kwargs['seqlen']} "
+                    f"--max-windows {eval_kwargs['max_windows']}")
+        keep(CompareRow("dense", 0.0, [], sum(p.numel() for p in original.parameters()), L, ppl, 0.0, eval_cmd,
+                        kind="dense", eval_seconds=es, tasks=ts, task_average=avg))
+    shared: dict[tuple[int, ...], CompareRow] = {tuple(sorted(r.removed)): r for r in done
                                                 if r.kind == "drop" and not r.eval_shared_with}
-    for s in sorted(sparsities):
-        for m in methods:
-            if (m, s) in have:
-                continue
-            cfg = CompressConfig.from_dict({**settings["config"], "method": m, "sparsity": s, "remove": None,
-                                            "device": str(dev)})
-            cfg.validate(L)
-            work = copy.deepcopy(original)
-            log.info("compare: %s at sparsity %s", m, s)
-            rep = compress(work, cfg, calib_ids=calib, source_model=model_name)
-            kind = method_info(m).kind
-            key = tuple(sorted(rep.removed))
-            if kind == "drop" and key in shared:
-                src = shared[key]
-                ppl, es, ts, avg, shared_with = src.ppl, 0.0, src.tasks, src.task_average, f"{src.method}@{src.sparsity}"
-            else:
-                ppl, es, ts, avg = evaluate(work)
-                shared_with = None
-            naive = next((r.ppl for r in rows if r.method == NAIVE and r.sparsity == s), None)
-            if m == NAIVE:
-                naive = ppl
-            rec = recovery(naive, ppl, dense_ppl) if naive is not None else None
-            extra = {}
-            for st in rep.steps:
-                if "heal" in st.seconds:
-                    extra["heal_seconds"] = st.seconds["heal"]
-                if "threshold" in st.extra:
-                    extra.setdefault("laco_thresholds", []).append(st.extra["threshold"])
-            if "laco_thresholds" in extra:
-                extra["laco_thresholds"] = sorted(set(extra["laco_thresholds"]), reverse=True)
-            row = CompareRow(m, s, rep.removed, rep.params_after, rep.final_layers, ppl, rec, rep.seconds,
-                             compress_command(model_name, cfg), kind=kind, eval_seconds=es,
-                             eval_shared_with=shared_with, tasks=ts, task_average=avg, extra=extra)
-            if kind == "drop" and shared_with is None:
-                shared[key] = row
-            if m in save_models or "all" in save_models:
-                meta = {"method": m, "sparsity": s, "source_model": model_name, "removed": rep.removed,
-                        "original_num_hidden_layers": L, "config": cfg.to_dict(), "command": row.command}
-                export_model(work, tok, out / "models" / f"{m}-{s}", metadata=meta, overwrite=True)
-            _append_row(out / "rows.jsonl", row)
-            rows.append(row)
-            log.info("compare: %s at %s -> PPL %.3f (%.1f s)", m, s, ppl, rep.seconds)
-            del work
-    data = {"model": model_name, "device": str(dev), "settings": settings, "naive": NAIVE,
-            "dense_ppl": dense_ppl, "rows": [to_jsonable(r) for r in rows], "versions": versions()}
-    write_compare(data, out)
-    return data
+    for m, s in todo:
+        cfg = CompressConfig.from_dict({**settings["config"], "method": m, "sparsity": s, "remove": None,
+                                        "device": str(dev)})
+        cfg.validate(L)
+        work = copy.deepcopy(original)
+        log.info("compare: %s at sparsity %s", m, s)
+        rep = compress(work, cfg, calib_ids=calib, source_model=model_name)
+        kind = method_info(m).kind
+        key = tuple(sorted(rep.removed))
+        if kind == "drop" and key in shared:
+            src = shared[key]
+            ppl, es, ts, avg, shared_with = src.ppl, 0.0, src.tasks, src.task_average, f"{src.method}@{src.sparsity}"
+        else:
+            ppl, es, ts, avg = evaluate(work)
+            shared_with = None
+        extra = {}
+        for st in rep.steps:
+            if "heal" in st.seconds:
+                extra["heal_seconds"] = st.seconds["heal"]
+            if "threshold" in st.extra:
+                extra.setdefault("laco_thresholds", []).append(st.extra["threshold"])
+        if "laco_thresholds" in extra:
+            extra["laco_thresholds"] = sorted(set(extra["laco_thresholds"]), reverse=True)
+        row = CompareRow(m, s, rep.removed, rep.params_after, rep.final_layers, ppl, rep.seconds,
+                         compress_command(model_name, cfg), kind=kind, eval_seconds=es,
+                         eval_shared_with=shared_with, tasks=ts, task_average=avg, extra=extra)
+        if kind == "drop" and shared_with is None:
+            shared[key] = row
+        if m in save_models or "all" in save_models:
+            meta = {"method": m, "sparsity": s, "source_model": model_name, "removed": rep.removed,
+                    "original_num_hidden_layers": L, "config": cfg.to_dict(), "command": row.command}
+            export_model(work, tok, out / "models" / f"{m}-{s}", metadata=meta, overwrite=True)
+        keep(row)
+        log.info("compare: %s at %s -> PPL %.3f (%.1f s)", m, s, ppl, rep.seconds)
+        del work
+    return new
 
 
 def _table(rows: list[dict], with_tasks: bool) -> tuple[list[str], list[list[Any]]]:

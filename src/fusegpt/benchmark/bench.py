@@ -64,7 +64,7 @@ class BenchReport:
 
 
 _MEM_SCRIPT = """
-import gc, json, os, resource, sys, torch
+import gc, json, sys, torch
 torch.set_num_threads(int(sys.argv[5]))
 device = torch.device(sys.argv[6])
 

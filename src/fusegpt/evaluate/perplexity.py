@@ -70,10 +70,16 @@ def evaluate_perplexity(
     max_windows: int | None = 128,
     batch_size: int = 4,
     desc: str | None = "perplexity",
+    windows: torch.Tensor | None = None,
 ) -> PerplexityResult:
-    """WikiText-2 (or another source) perplexity of a causal LM under the protocol in this module's docstring."""
+    """WikiText-2 (or another source) perplexity of a causal LM under the protocol in this module's docstring.
+
+    ``windows``: the [W, seqlen] output of :func:`perplexity_windows` for these settings, when several models are
+    evaluated on the same text (saves tokenizing it again).
+    """
     t0 = time.perf_counter()
-    windows = perplexity_windows(tokenizer, source, seqlen, max_windows)
+    if windows is None:
+        windows = perplexity_windows(tokenizer, source, seqlen, max_windows)
     was_training = model.training
     model.eval()
     total, count = nll_sum(model, windows, batch_size=batch_size, desc=desc)

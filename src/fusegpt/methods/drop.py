@@ -53,11 +53,12 @@ def remove_plan(job: Job, plan: list[int], *, scores: dict[int, float] | None = 
 
 
 def remove_by_scores(job: Job, scorer: Scorer, *, iterative: bool, name: str,
-                     before_remove: Callable[[int], tuple[int, dict]] | None = None) -> list[StepReport]:
+                     before_remove: Callable[[int, list[int]], tuple[int, dict]] | None = None) -> list[StepReport]:
     """Score (lower = less important), remove the lowest; re-score after every removal when ``iterative``.
 
-    ``before_remove(p)`` (current index p) may change the model's weights before block p goes; it returns the
-    first changed current block index and extra report fields.
+    ``before_remove(p, orig)`` (current index p; ``orig[i]`` = original index of current block i) may change the
+    model's weights before block p goes; it returns the first changed current block index and extra report
+    fields.
     """
     ad, k = job.adapter, job.num_removals
     ids = job.calib_ids[: job.config.score_samples]
@@ -76,9 +77,7 @@ def remove_by_scores(job: Job, scorer: Scorer, *, iterative: bool, name: str,
             ranked = sorted(range(len(scores)), key=scores.__getitem__)
             plan = [orig[i] for i in ranked[: k - step]]
         p = orig.index(plan.pop(0))
-        first, extra = before_remove(p) if before_remove is not None else (p, {})
-        if "merged_into" in extra:
-            extra["merged_into"] = orig[extra["merged_into"]]
+        first, extra = before_remove(p, orig) if before_remove is not None else (p, {})
         ad.remove_blocks([p])
         cache.truncate(min(first, p) + 1)
         removed = orig.pop(p)

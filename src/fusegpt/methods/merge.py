@@ -1,8 +1,9 @@
 """Static weight-merging baselines (no training).
 
 - ``laco``: Layer Collapse (Yang et al. 2024), RDSC merge: layer l absorbs the C-1 layers after it as
-  theta_l + sum_k (theta_{l+k} - theta_l) for the attention and MLP projections (norms keep layer l's); a merge is accepted when the mean token cosine between the merged
-  model's and the original model's final hidden states (calibration samples) stays above the threshold T. The
+  theta_l + sum_k (theta_{l+k} - theta_l) for the attention and MLP projections (norms keep layer l's); a merge
+  is accepted when the mean token cosine between the merged model's and the original model's final hidden
+  states (calibration samples) stays above the threshold T. The
   scan starts at the top (l = L - C) and moves down by 1 after a rejection and by I after an acceptance, as in
   the paper's Algorithm 1. To remove exactly the requested number of blocks, the last merge takes only as many
   layers as are still needed, and a scan that ends short restarts from the top with T lowered by 0.05 (each
@@ -122,11 +123,11 @@ def run_laco(job: Job) -> list[StepReport]:
 def run_merge_average(job: Job) -> list[StepReport]:
     ad = job.adapter
 
-    def before_remove(p: int) -> tuple[int, dict]:
+    def before_remove(p: int, orig: list[int]) -> tuple[int, dict]:
         n = p - 1 if p > 0 else p + 1
         blocks = list(ad.blocks)
         _load(blocks[n], merged_block_params([blocks[n], blocks[p]], "average"))
-        return n, {"merged_into": n}
+        return n, {"merged_into": orig[n]}
 
     return remove_by_scores(job, _mi, iterative=job.config.mode == "iterative", name="MI",
                             before_remove=before_remove)
