@@ -20,8 +20,10 @@ IDS = random_ids(4, 16, seed=3)
 
 
 def _cfg(method, k, **kw):
+    # fp32: every check below compares with fp32 brute force (the bf16 path has its own tests: test_bf16.py)
     base = dict(method=method, remove=k, sparsity=None, nsamples=4, score_samples=4, seqlen=16, epochs=1,
-                batch_size=2, lora_rank=4, coef_rank=4, device="cpu", group_size=3, heal_from="drop-mi")
+                batch_size=2, lora_rank=4, coef_rank=4, device="cpu", group_size=3, heal_from="drop-mi",
+                compute_dtype="fp32")
     base.update(kw)
     return CompressConfig(**base)
 

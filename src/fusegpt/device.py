@@ -16,6 +16,8 @@ __all__ = [
     "peak_memory_bytes",
     "reset_peak_memory",
     "parse_dtype",
+    "choose_compute_dtype",
+    "AUTO_DTYPE_ENV",
 ]
 
 _DTYPES = {
@@ -116,12 +118,24 @@ def matmul_flops_per_second(device: torch.device, dtype: torch.dtype, n: int = 1
     return 2 * n**3 / statistics.median(times)
 
 
+AUTO_DTYPE_ENV = "FUSEGPT_AUTO_DTYPE"
+
+
 def choose_compute_dtype(device: torch.device, requested: str) -> torch.dtype | None:
     """'fp32' -> None (no autocast); 'bf16'/'fp16' as asked; 'auto' -> bf16 only where a measured matmul runs at
-    least 1.3x faster than fp32 (CPUs without native bf16 run it hundreds of times slower)."""
+    least 1.3x faster than fp32 (CPUs without native bf16 run it ~80x slower).
+
+    The environment variable ``FUSEGPT_AUTO_DTYPE`` (``fp32`` or ``bf16``) forces what ``auto`` resolves to, so a
+    test suite (or a user) gets the same arithmetic on every machine; it never overrides an explicit request.
+    """
     if requested != "auto":
         dt = parse_dtype(requested)
         return None if dt == torch.float32 else dt
+    forced = os.environ.get(AUTO_DTYPE_ENV, "").strip().lower()
+    if forced:
+        if forced not in ("fp32", "bf16"):
+            raise ValueError(f"{AUTO_DTYPE_ENV}={forced!r}: use fp32 or bf16 (or unset it to measure)")
+        return None if forced == "fp32" else torch.bfloat16
     if device.type == "cuda":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else None
     if device.type != "cpu":

@@ -1,0 +1,113 @@
+"""The compute-dtype policy and the bf16 path, tested on purpose on every machine (with bf16 tolerances).
+
+Machines differ: where the CPU has native bf16, ``--compute-dtype auto`` measures it faster and picks it; elsewhere
+it stays in fp32. Tests that compare with fp32 brute force pin ``compute_dtype="fp32"``; these tests ask for bf16
+explicitly, so the bf16 arithmetic is exercised whatever ``auto`` would choose here. ``FUSEGPT_AUTO_DTYPE`` forces
+``auto`` (the Makefile runs the suite once with each value).
+"""
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from fusegpt import device as dev
+from fusegpt.activations import ActivationCache, Runner
+from fusegpt.adapters import get_adapter
+from fusegpt.api import compress
+from fusegpt.config import CompressConfig
+from fusegpt.export import export_model
+from fusegpt.scoring import macro_influence_scores
+
+from conftest import random_ids, tiny_model
+
+CPU = torch.device("cpu")
+IDS = random_ids(4, 16, seed=3)
+
+
+def test_auto_is_forced_by_the_environment(monkeypatch):
+    monkeypatch.setenv(dev.AUTO_DTYPE_ENV, "bf16")
+    assert dev.choose_compute_dtype(CPU, "auto") == torch.bfloat16
+    assert dev.choose_compute_dtype(CPU, "fp32") is None  # an explicit request wins over the switch
+    monkeypatch.setenv(dev.AUTO_DTYPE_ENV, "fp32")
+    assert dev.choose_compute_dtype(CPU, "auto") is None
+    assert dev.choose_compute_dtype(CPU, "bf16") == torch.bfloat16
+    monkeypatch.setenv(dev.AUTO_DTYPE_ENV, "fp8")
+    with pytest.raises(ValueError, match="fp32 or bf16"):
+        dev.choose_compute_dtype(CPU, "auto")
+
+
+@pytest.mark.parametrize("fp32,bf16,want", [(1.0, 2.4, torch.bfloat16), (1.0, 1.2, None), (80.0, 1.0, None)])
+def test_auto_measures_when_not_forced(monkeypatch, fp32, bf16, want):
+    monkeypatch.delenv(dev.AUTO_DTYPE_ENV, raising=False)
+    speed = {torch.float32: fp32, torch.bfloat16: bf16}
+    monkeypatch.setattr(dev, "matmul_flops_per_second", lambda d, dtype, n=0, repeats=0: speed[dtype])
+    assert dev.choose_compute_dtype(CPU, "auto") == want
+
+
+def _final_hidden_without(model, ids, skip):
+    m = copy.deepcopy(model)
+    if skip is not None:
+        get_adapter(m).remove_blocks([skip])
+    got = {}
+    h = m.model.norm.register_forward_hook(lambda mod, inp, out: got.setdefault("h", inp[0]))
+    with torch.no_grad():
+        m.model(input_ids=ids, use_cache=False)
+    h.remove()
+    return got["h"]
+
+
+def _mi(model, dtype):
+    runner = Runner.for_model(get_adapter(model), 16, device=CPU, batch_size=2, compute_dtype=dtype)
+    return macro_influence_scores(ActivationCache(runner, IDS), desc=None)
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3"])
+def test_bf16_macro_influence_close_to_fp32_brute_force(family):
+    model = tiny_model(family)
+    full = _final_hidden_without(model, IDS, None)
+    brute = [1 - F.cosine_similarity(full, _final_hidden_without(model, IDS, i), dim=-1).mean().item()
+             for i in range(6)]
+    bf16 = _mi(model, torch.bfloat16)
+    fp32 = _mi(model, None)
+    assert fp32 == pytest.approx(brute, rel=1e-4, abs=1e-6)
+    # bf16 keeps 8 mantissa bits: scores agree to a few percent of the largest score ...
+    assert bf16 == pytest.approx(brute, abs=0.03 * max(brute))
+    # ... and really are computed in bf16 (else this test would check fp32 twice)
+    assert bf16 != pytest.approx(fp32, rel=1e-5, abs=1e-7)
+
+
+def _cfg(**kw):
+    base = dict(remove=2, sparsity=None, group_size=3, epochs=3, nsamples=8, score_samples=4, seqlen=16,
+                coef_rank=4, lora_rank=4, batch_size=4, coef_lr=1e-2, lr=1e-3, compute_dtype="bf16", device="cpu")
+    base.update(kw)
+    return CompressConfig(**base)
+
+
+def test_bf16_fusegpt_trains_fp32_masters_and_exports(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    model = tiny_model("llama", 8)
+    ids = random_ids(8, 16)
+    rep = compress(model, _cfg(), calib_ids=ids)
+    assert rep.compute_dtype == "torch.bfloat16"
+    assert all(p.dtype == torch.float32 for p in model.parameters())  # autocast: weights stay fp32
+    for s in rep.steps:
+        assert not s.nonfinite and s.train_steps > 0
+        assert s.loss_after < s.loss_before  # distillation helps in bf16 too
+    out = export_model(model, None, tmp_path / "m", metadata={})
+    back = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    with torch.no_grad():
+        a, b = back(input_ids=ids).logits, model(input_ids=ids).logits
+    assert torch.isfinite(a).all()
+    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_bf16_baseline_scores_close_to_fp32():
+    for method, rel in (("shortgpt", 0.05), ("sleb", 0.02), ("taylor", 0.1)):
+        r32 = compress(tiny_model("llama", 8), _cfg(method=method, remove=1, nsamples=4, compute_dtype="fp32"), calib_ids=IDS)
+        r16 = compress(tiny_model("llama", 8), _cfg(method=method, remove=1, nsamples=4), calib_ids=IDS)
+        s32, s16 = r32.steps[0].scores, r16.steps[0].scores
+        assert s16 == pytest.approx(s32, rel=rel, abs=rel * max(s32.values())), method
+        assert s16 != pytest.approx(s32, rel=1e-6, abs=1e-9), method
