@@ -76,7 +76,8 @@ def train_group(
 ) -> TrainResult:
     """Adam + cosine schedule over ``epochs`` passes of mini-batches.
 
-    ``inputs`` / ``targets``: [N, T, H] on the offload device. A non-finite loss stops training and restores
+    ``inputs`` / ``targets``: [N, T, H] on the offload device. Blocks run in eval mode (no dropout), like the
+    teacher. A non-finite loss stops training and restores
     every trained parameter to its value before training (``result.restored``). ``loss_fn(output, target)``
     replaces the named ``settings.loss`` (``targets`` may then be anything indexable by sample, e.g. token ids).
     """
@@ -97,8 +98,8 @@ def train_group(
     n = inputs.shape[0]
     per_epoch = (n + settings.batch_size - 1) // settings.batch_size
     total_steps = settings.epochs * per_epoch
-    for block in blocks:
-        block.train()
+    # the blocks stay in eval mode: the teacher ran in eval mode, so the student must compute the same function
+    # (training mode would switch dropout on for models whose config has it)
     bar = tqdm(total=total_steps, desc=desc, disable=desc is None, leave=False)
     try:
         for epoch in range(settings.epochs):
@@ -133,8 +134,6 @@ def train_group(
             res.nonfinite = True
     finally:
         bar.close()
-        for block in blocks:
-            block.eval()
         for p in params:
             p.grad = None
     if res.nonfinite:
