@@ -116,24 +116,48 @@ def test_train_modes_and_coefficients_run(train, coef):
     assert rep.steps[0].train_steps == 4
 
 
-def test_nonfinite_loss_restores_group(monkeypatch):
+def _poison_training_call(monkeypatch, at: int):
+    """Make the mse loss non-finite on its ``at``-th call with gradients on (a training step), after ``at - 1``
+    optimizer steps have run; no-grad evaluation calls are left alone. Returns the call counter."""
     import fusegpt.distill.losses as losses
 
-    monkeypatch.setitem(losses.LOSSES, "mse", lambda s, t: (s - t).pow(2).mean() * float("nan"))
+    real = losses.LOSSES["mse"]
+    calls = {"n": 0}
+
+    def poisoned(s, t):
+        if torch.is_grad_enabled():
+            calls["n"] += 1
+            if calls["n"] == at:
+                return real(s, t) * float("nan")
+        return real(s, t)
+
+    monkeypatch.setitem(losses.LOSSES, "mse", poisoned)
+    return calls
+
+
+def test_nonfinite_loss_after_steps_restores_group(monkeypatch):
+    """Two optimizer steps change the group, the third loss is NaN: the group is back to exactly its state before
+    training, i.e. the fused model equals plain removal again (every new term zero)."""
+    _poison_training_call(monkeypatch, at=3)
+    ids = random_ids(8, 16)
     model = tiny_model("llama", 6)
-    rep = compress(model, _cfg(remove=1, consolidate=False), calib_ids=random_ids(8, 16))
+    plain = copy.deepcopy(model)
+    rep = compress(model, _cfg(remove=1, consolidate=False, epochs=2, batch_size=2, coef_lr=1e-1, lr=1e-2),
+                   calib_ids=ids)
     s = rep.steps[0]
-    assert s.nonfinite and s.restored and s.train_steps == 0
+    assert s.nonfinite and s.restored and s.train_steps == 2
+    get_adapter(plain).remove_blocks([s.removed])
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=ids).logits, plain(input_ids=ids).logits, rtol=0, atol=1e-6)
     from fusegpt.fusion import fused_linears
 
     for _, fl in fused_linears(model):
         assert torch.isfinite(fl.effective_weight()).all()
-        assert all(float(p.abs().sum()) == 0 for p in fl.lora_parameters()[1:])  # B still zero
+        assert all(float(p.abs().sum()) == 0 for p in fl.lora_parameters()[1:])  # LoRA B zero again
 
 
-def test_trainer_restores_parameters_on_nan_inputs():
+def test_trainer_restores_parameters_changed_by_earlier_steps():
     lin = torch.nn.Linear(4, 4)
-    ad_blocks = [lin]
 
     class R:  # a minimal runner stand-in: forward_blocks applies the linear
         device = CPU
@@ -144,11 +168,77 @@ def test_trainer_restores_parameters_on_nan_inputs():
             return blocks[0](x)
 
     before = lin.weight.detach().clone()
-    x = torch.randn(4, 3, 4)
-    y = torch.full((4, 3, 4), float("nan"))
-    res = train_group(R(), ad_blocks, ["full_attention"], x, y, [ParamGroup("w", [lin.weight], 1e-1)],
-                      TrainSettings(loss="mse", epochs=2, batch_size=2))
-    assert res.nonfinite and res.restored and torch.equal(lin.weight, before)
+    seen = []
+
+    def loss_fn(out, y):  # NaN at the 3rd step, after two optimizer steps
+        seen.append(lin.weight.detach().clone())
+        loss = (out - y).pow(2).mean()
+        return loss * float("nan") if len(seen) == 3 else loss
+
+    x, y = torch.randn(4, 3, 4), torch.randn(4, 3, 4)
+    res = train_group(R(), [lin], ["full_attention"], x, y, [ParamGroup("w", [lin.weight], 1e-1)],
+                      TrainSettings(epochs=2, batch_size=2), loss_fn=loss_fn)
+    assert res.steps == 2 and res.nonfinite and res.restored
+    assert not torch.equal(seen[2], before)  # the steps did change the weight ...
+    assert torch.equal(lin.weight, before)  # ... and it is back
+
+
+def _params_after(train, epochs):
+    model = tiny_model("llama", 6)
+    rep = compress(model, _cfg(remove=1, train=train, consolidate=False, epochs=epochs, batch_size=2, coef_lr=1e-2,
+                               lr=1e-2), calib_ids=random_ids(8, 16))
+    return {n: p.detach().clone() for n, p in model.named_parameters()}, rep
+
+
+def _kind(name):
+    leaf = name.rsplit(".", 1)[-1]
+    if leaf.startswith("coef"):
+        return "coef"
+    if leaf.startswith("lora_"):
+        return "lora"
+    return "norm" if "norm" in name else "base"
+
+
+@pytest.mark.parametrize("train", ["coef", "coef+lora", "full"])
+def test_train_mode_freezes_what_it_should(train):
+    """The same run with 0 and with 4 epochs (same seed, same injection): coef moves only coefficients; coef+lora
+    moves coefficients, LoRA and norms but no base weight; full moves coefficients and every block weight."""
+    init, r0 = _params_after(train, 0)
+    trained, r1 = _params_after(train, 4)
+    assert r0.removed == r1.removed and init.keys() == trained.keys()
+    moved = {"coef": False, "lora": False, "norm": False, "base": False}
+    for name, p in trained.items():
+        moved[_kind(name)] |= not torch.equal(p, init[name])
+    want = {"coef": {"coef": True, "lora": False, "norm": False, "base": False},
+            "coef+lora": {"coef": True, "lora": True, "norm": True, "base": False},
+            "full": {"coef": True, "lora": False, "norm": True, "base": True}}[train]
+    assert moved == want
+    assert any(_kind(n) == "lora" for n in init) == (train != "full")  # full trains without LoRA
+
+
+def test_cached_inputs_after_a_fusion_step_equal_recomputation():
+    """Iterative FuseGPT keeps both activation caches across steps (the scoring one holds every block's input,
+    the calibration one the group inputs); every entry it hands out at step 2, after the fusion and removal of
+    step 1, must equal a fresh cache computed on the model as it is at that moment."""
+    import unittest.mock as um
+
+    ids = random_ids(8, 16)
+    model = tiny_model("llama", 8)
+    real_get = ActivationCache.get
+    checked = []
+
+    def spy(self, i):
+        out = real_get(self, i)
+        fresh = real_get(ActivationCache(self.runner, ids[: self.entries[0].shape[0]]), i)
+        checked.append((self.entries[0].shape[0], i, torch.equal(out, fresh)))
+        return out
+
+    with um.patch.object(ActivationCache, "get", spy):
+        rep = compress(model, _cfg(remove=2, mode="iterative", group_size=3, consolidate=True), calib_ids=ids)
+    assert len(rep.steps) == 2
+    assert {n for n, _, _ in checked} == {4, 8}  # both caches were read
+    assert len([1 for n, i, _ in checked if n == 4]) >= 2 * 7  # MI read every block's input at both steps
+    assert all(ok for _, _, ok in checked), [c for c in checked if not c[2]]
 
 
 def test_config_validation():
@@ -167,3 +257,21 @@ def test_config_validation():
     paper = CompressConfig.from_preset("paper")
     assert (paper.loss, paper.epochs, paper.group_size, paper.coef_rank, paper.lora_rank, paper.coef_lr) == \
         ("kl-batch", 20, 7, 128, 128, 1e-3)
+
+
+def test_distillation_runs_without_dropout():
+    """The teacher runs in eval mode; the student must too, even when the model's config has dropout. With zero
+    learning rates, the training loss equals the group loss measured without gradients."""
+    from transformers import AutoModelForCausalLM
+
+    from conftest import tiny_config
+
+    cfg = tiny_config("llama", 6)
+    cfg.attention_dropout = 0.5
+    cfg._attn_implementation = "eager"
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(cfg).eval()
+    rep = compress(model, _cfg(remove=1, epochs=1, lr=0.0, coef_lr=0.0, nsamples=8, score_samples=8,
+                               shuffle=False), calib_ids=random_ids(8, 16))
+    s = rep.steps[0]
+    assert s.epoch_losses[0] == pytest.approx(s.loss_before, rel=1e-5)
