@@ -50,7 +50,7 @@ def test_config_file_and_flags(tiny_folder, tmp_path):
 
 @pytest.mark.parametrize("argv,msg", [
     (["--method", "sleb", "--blocks", "1,2"], "fusegpt drop"),
-    (["--method", "nope"], "unknown method"),
+    (["--method", "nope"], "invalid choice: 'nope'"),
     (["--method", "heal-lora", "--heal-from", "heal-lora"], "heal-from"),
     (["--method", "laco", "--laco-layers", "1"], "laco-layers"),
 ])

@@ -11,16 +11,17 @@ from typing import Any, Callable
 import torch
 
 from .activations import Runner
-from .adapters import get_adapter
+from .adapters import check_supported, get_adapter
 from .config import CompressConfig, num_removals
-from .data import load_text, sample_windows, tokenize_text
+from .data import check_window_count, load_text, sample_windows, tokenize_text
 from .device import choose_compute_dtype, matmul_flops_per_second, peak_memory_bytes, reset_peak_memory, resolve_device
 from .methods import Job, StepReport, get_method
+from .models import ModelInfo, inspect_model
 from .report import versions
 
 log = logging.getLogger(__name__)
 
-__all__ = ["CompressReport", "compress", "calibration_windows"]
+__all__ = ["CompressReport", "compress", "calibration_windows", "preflight"]
 
 
 @dataclass
@@ -43,6 +44,21 @@ class CompressReport:
     versions: dict[str, str] = field(default_factory=versions)
     source_model: str | None = None
     evaluation: dict[str, Any] = field(default_factory=dict)
+
+
+def preflight(model_name: str, config: CompressConfig) -> ModelInfo:
+    """Every check of a run that needs only the model's config and tokenizer, before any weight is loaded or any
+    compute starts: the model source and its checkpoint files, the architecture, the method names, the config
+    against the model (blocks, maximum context) and the calibration text against ``nsamples x seqlen``."""
+    info = inspect_model(model_name)
+    check_supported(info.config)
+    get_method(config.method)
+    if config.method == "heal-lora":
+        get_method(config.heal_from)
+    config.validate(info.num_blocks, info.max_positions)
+    ids = tokenize_text(info.tokenizer, load_text(config.calib))
+    check_window_count(ids.numel(), config.nsamples, config.seqlen, f"calibration source {config.calib!r}")
+    return info
 
 
 def calibration_windows(tokenizer, cfg: CompressConfig) -> torch.Tensor:

@@ -51,8 +51,18 @@ def _windows(text: str) -> int | None:
     return n
 
 
+def _positive_int(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}")
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {n}")
+    return n
+
+
 def _add_common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    p.add_argument("--threads", type=_positive_int, default=None, help="torch threads, >= 1 (default: torch's choice)")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, mps or auto (default)")
     p.add_argument("-v", "--verbose", action="store_true")
 
@@ -68,17 +78,26 @@ def _add_ppl(p: argparse.ArgumentParser) -> None:
 def cmd_eval(args: argparse.Namespace) -> int:
     from .device import resolve_device
     from .evaluate import evaluate_perplexity
-    from .models import load_model
+    from .export import check_writable
+    from .models import inspect_model, load_model
     from .report import format_table, write_json
 
     device = resolve_device(args.device)
-    if args.tasks:
-        from .evaluate.zeroshot import resolve_tasks
+    tasks = None
+    if args.tasks:  # fail fast, before loading: the extra, then the task names
+        from .evaluate.zeroshot import require_lm_eval, resolve_tasks
 
-        tasks = resolve_tasks([t for t in args.tasks.split(",") if t])  # fail fast, before loading
-        loaded = load_model(args.model, device=device)
-        return _eval_tasks(args, loaded, tasks)
+        require_lm_eval()
+        tasks = resolve_tasks([t for t in args.tasks.split(",") if t])
+    info = inspect_model(args.model)
+    if tasks is None and info.max_positions is not None and args.seqlen > info.max_positions:
+        raise ValueError(f"--seqlen {args.seqlen} is longer than the model's maximum context of "
+                         f"{info.max_positions} tokens; use --seqlen {info.max_positions} or less")
+    if args.json is not None:
+        check_writable(Path(args.json).parent)
     loaded = load_model(args.model, device=device)
+    if tasks is not None:
+        return _eval_tasks(args, loaded, tasks)
     res = evaluate_perplexity(
         loaded.model, loaded.tokenizer, source=args.source, seqlen=args.seqlen, max_windows=args.max_windows,
         batch_size=args.batch_size,
@@ -115,11 +134,15 @@ def cmd_drop(args: argparse.Namespace) -> int:
     from .device import resolve_device
     from .evaluate import evaluate_perplexity
     from .export import check_output_dir, drop_blocks, export_model
-    from .models import load_model
+    from .models import inspect_model, load_model
 
     check_output_dir(args.out, args.overwrite)
+    n = inspect_model(args.model).num_blocks
+    bad = [b for b in args.blocks if not 0 <= b < n]
+    if bad or len(set(args.blocks)) >= n:
+        raise ValueError(f"--blocks {args.blocks}: the model has {n} blocks (0..{n - 1}); list distinct indices in "
+                         "that range and keep at least one block")
     loaded = load_model(args.model, device=resolve_device(args.device))
-    n = loaded.model.config.num_hidden_layers
     kept = drop_blocks(loaded.model, args.blocks)
     meta = {"method": "drop", "source_model": args.model, "removed": sorted(set(args.blocks)),
             "kept_original_indices": kept, "original_num_hidden_layers": n}
@@ -133,8 +156,22 @@ def cmd_drop(args: argparse.Namespace) -> int:
 
 
 # ---- compress ----------------------------------------------------------------------------------------------------
+def _choices(name: str) -> list[str]:
+    """Accepted values of a config flag, from the registries (methods, losses, coefficient kinds) and the config."""
+    from . import config as c
+
+    if name == "--method" or name == "--heal-from":
+        from .methods import method_names
+
+        return [m for m in method_names() if not (name == "--heal-from" and m == "heal-lora")]
+    return {"--mode": list(c.MODES), "--train": list(c.TRAIN_MODES), "--loss": list(c.loss_names()),
+            "--coef": list(c.coef_kinds()), "--compute-dtype": list(c.COMPUTE)}[name]
+
+
+_CHOICE_FLAGS = ("--method", "--mode", "--train", "--loss", "--coef", "--compute-dtype", "--heal-from")
 _CONFIG_FLAGS = [
-    # (flag, type, help) -> CompressConfig field of the same name (dashes -> underscores)
+    # (flag, type, help) -> CompressConfig field of the same name (dashes -> underscores); the flags of
+    # _CHOICE_FLAGS list their accepted values in --help and refuse others
     ("--method", str, "compression method (default fusegpt)"),
     ("--sparsity", float, "fraction of blocks to remove, ceil(L * sparsity) (default 0.25)"),
     ("--remove", int, "remove exactly K blocks (overrides --sparsity)"),
@@ -167,14 +204,16 @@ _COMPARE_SKIP = ("--method", "--sparsity", "--remove")
 def _add_config_flags(p: argparse.ArgumentParser, skip: tuple[str, ...] = ()) -> None:
     for flag, typ, help_text in _CONFIG_FLAGS:
         if flag not in skip:
-            p.add_argument(flag, type=typ, default=None, help=help_text)
+            choices = _choices(flag) if flag in _CHOICE_FLAGS else None
+            meta = "{" + ",".join(choices) + "}" if choices else None
+            p.add_argument(flag, type=typ, default=None, choices=choices, metavar=meta, help=help_text)
     p.add_argument("--consolidate", dest="consolidate", action="store_true", default=None,
                    help="merge receiving layers after each step (cpu preset)")
     p.add_argument("--no-consolidate", dest="consolidate", action="store_false",
                    help="keep every coefficient trainable across steps (the reference)")
     p.add_argument("--blocks", type=_int_list, default=None,
                    help="remove these original block indices in this order, without scoring (ablations)")
-    p.add_argument("--preset", default=None, help="paper or cpu (default cpu)")
+    p.add_argument("--preset", default=None, choices=["cpu", "paper"], help="paper or cpu (default cpu)")
     p.add_argument("--config", type=Path, default=None, help="YAML/JSON file of config keys (flags override it)")
 
 
@@ -269,7 +308,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
     from .benchmark import BenchConfig, bench_models
     from .device import resolve_device
-    from .models import load_model
+    from .export import check_writable
+    from .models import inspect_model, load_model
     from .plots import plot_bench, plot_pareto
     from .report import format_table, to_jsonable, write_json
 
@@ -277,6 +317,11 @@ def cmd_bench(args: argparse.Namespace) -> int:
     names = list(args.models) + ([args.vs] if args.vs and args.vs not in args.models else [])
     if len(set(names)) != len(names):
         raise ValueError("each model may be given once")
+    for n in names:  # every model must exist and be readable before the first one is loaded
+        inspect_model(n)
+    for target in (args.json, args.plot):
+        if target is not None:
+            check_writable(Path(target).parent)
     loaded = {n: load_model(n, device=device) for n in names}
     cfg = BenchConfig(prefill_tokens=args.prefill_tokens, decode_tokens=args.decode_tokens,
                       decode_batches=tuple(args.decode_batches), repeats=args.repeats, dtype=args.dtype,
@@ -409,7 +454,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     out = args.out or Path("runs") / time.strftime("demo-%Y%m%d-%H%M%S")
     check_output_dir(out, args.overwrite)
-    cfg = CompressConfig.from_preset("cpu", sparsity=args.sparsity)
+    cfg = CompressConfig.from_preset("cpu", sparsity=args.sparsity).validate()
     cmd = f"fusegpt compress {DEFAULT_MODEL} --preset cpu --sparsity {args.sparsity} --out {out}"
     print(f"[1/3] {cmd}", flush=True)
     rep = run_compression(DEFAULT_MODEL, cfg, out, overwrite=args.overwrite, command=cmd)
@@ -445,19 +490,23 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     _offline()
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # argparse: --help (0) or a refused argument (2, message already printed)
+        return int(exc.code or 0)
     _setup(args)
     from .adapters import UnsupportedModelError
     from .config import ConfigError
     from .data import DataSourceError
-    from .export import OutputExistsError
+    from .evaluate.zeroshot import MissingExtraError
+    from .export import OutputError
     from .models import ModelSourceError
 
     t0 = time.perf_counter()
     try:
         rc = args.func(args)
-    except (ModelSourceError, DataSourceError, UnsupportedModelError, OutputExistsError, ConfigError, ValueError,
-            IndexError) as exc:
+    except (ModelSourceError, DataSourceError, UnsupportedModelError, OutputError, ConfigError, MissingExtraError,
+            ValueError, IndexError) as exc:
         print(f"fusegpt: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -12,6 +12,7 @@ Macro Influence selects, removed without fusion): recovery = (ln PPL_naive - ln 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import logging
 import os
@@ -20,11 +21,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
-from .api import calibration_windows, compress
+from .api import calibration_windows, compress, preflight
 from .config import CompressConfig
 from .evaluate import evaluate_perplexity
 from .evaluate.perplexity import perplexity_windows
-from .export import OutputExistsError, export_model
+from .export import OutputExistsError, check_writable, export_model
 from .methods import method_info, method_names
 from .report import format_table, recovery, to_jsonable, versions, write_json, write_text
 
@@ -168,6 +169,13 @@ def run_compare(
                 "eval": eval_kwargs, "tasks": list(tasks or []), "limit": limit,
                 "sparsities": list(sparsities), "methods": list(methods)}
     out = Path(out)
+    check_writable(out)
+    if tasks:
+        from .evaluate.zeroshot import require_lm_eval
+
+        require_lm_eval()
+    # every refusal before the first write or load (the largest sparsity removes the most blocks)
+    preflight(model_name, dataclasses.replace(base, sparsity=max(sparsities), remove=None, method=NAIVE))
     rows = _prepare_out(out, settings, resume=resume, overwrite=overwrite)
     have = {(r.method, r.sparsity) for r in rows}
     todo = [(m, s) for s in sorted(sparsities) for m in methods if (m, s) not in have]

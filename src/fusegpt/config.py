@@ -18,9 +18,21 @@ class ConfigError(ValueError):
 
 MODES = ("iterative", "oneshot")
 TRAIN_MODES = ("coef", "coef+lora", "full")
-LOSSES = ("kl-batch", "kl-hidden", "mse", "cosine")
-COEFS = ("scalar", "vector", "matrix", "lowrank")
 COMPUTE = ("auto", "fp32", "bf16", "fp16")
+
+
+def loss_names() -> tuple[str, ...]:
+    """Distillation losses, from their registry (imported lazily: config is the ground layer)."""
+    from .distill.losses import LOSSES
+
+    return tuple(LOSSES)
+
+
+def coef_kinds() -> tuple[str, ...]:
+    """Fusion coefficient kinds, from the fusion wrapper."""
+    from .fusion.linear import COEF_KINDS
+
+    return tuple(COEF_KINDS)
 
 
 @dataclass
@@ -74,7 +86,10 @@ class CompressConfig:
     preset: str | None = None
 
     # ------------------------------------------------------------------------------------------------------------
-    def validate(self, num_blocks: int | None = None) -> "CompressConfig":
+    def validate(self, num_blocks: int | None = None, max_positions: int | None = None) -> "CompressConfig":
+        """Check every value; with the model's ``num_blocks`` and ``max_positions`` (read from its config, no
+        weights needed) also what depends on the model. Raises ConfigError naming the flag and the fix."""
+
         def need(cond: bool, msg: str) -> None:
             if not cond:
                 raise ConfigError(msg)
@@ -93,8 +108,9 @@ class CompressConfig:
             need(int(self.remove) >= 1, f"--remove must be >= 1, got {self.remove}")
         need(self.mode in MODES, f"--mode must be one of {MODES}, got {self.mode!r}")
         need(self.train in TRAIN_MODES, f"--train must be one of {TRAIN_MODES}, got {self.train!r}")
-        need(self.loss in LOSSES, f"--loss must be one of {LOSSES}, got {self.loss!r}")
-        need(self.coef in COEFS, f"--coef must be one of {COEFS}, got {self.coef!r}")
+        losses, coefs = loss_names(), coef_kinds()
+        need(self.loss in losses, f"--loss must be one of {losses}, got {self.loss!r}")
+        need(self.coef in coefs, f"--coef must be one of {coefs}, got {self.coef!r}")
         need(self.compute_dtype in COMPUTE, f"--compute-dtype must be one of {COMPUTE}, got {self.compute_dtype!r}")
         need(self.group_size >= 1, f"--group-size must be >= 1, got {self.group_size}")
         need(self.coef_rank >= 1, f"--coef-rank must be >= 1, got {self.coef_rank}")
@@ -114,6 +130,10 @@ class CompressConfig:
             f"--score-samples ({self.score_samples}) must be between 1 and --nsamples ({self.nsamples}): "
             "the scoring set is the first calibration samples",
         )
+        if max_positions is not None:
+            need(self.seqlen <= max_positions,
+                 f"--seqlen {self.seqlen} is longer than the model's maximum context of {max_positions} tokens; "
+                 f"use --seqlen {max_positions} or less")
         if num_blocks is not None:
             k = num_removals(self, num_blocks)
             if self.blocks is not None:

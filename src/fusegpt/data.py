@@ -27,6 +27,7 @@ __all__ = [
     "tokenize_text",
     "sample_windows",
     "split_windows",
+    "check_window_count",
     "DataSourceError",
 ]
 
@@ -122,14 +123,29 @@ def tokenize_text(tokenizer, text: str) -> torch.Tensor:
     return torch.tensor(ids, dtype=torch.long)
 
 
+def check_window_count(num_tokens: int, n: int, seqlen: int, source: str = "the calibration text") -> None:
+    """Refuse asking for more windows than the text holds without overlap (``n * seqlen > num_tokens``): the
+    windows would repeat the same text many times over, which is not the calibration budget asked for."""
+    if num_tokens <= seqlen:
+        raise DataSourceError(f"{source} has {num_tokens} tokens, fewer than one window of --seqlen {seqlen}")
+    if n * seqlen > num_tokens:
+        raise DataSourceError(
+            f"--nsamples {n} x --seqlen {seqlen} = {n * seqlen:,} tokens, but {source} holds {num_tokens:,} tokens "
+            f"(at most {num_tokens // seqlen} windows of {seqlen} without overlap); lower --nsamples or --seqlen, "
+            "or bring a larger calibration text with --calib FILE (.txt or .jsonl)"
+        )
+
+
 def sample_windows(ids: torch.Tensor, n: int, seqlen: int, generator: torch.Generator) -> torch.Tensor:
-    """N random windows of ``seqlen`` tokens from a 1-D id stream -> [n, seqlen]. Same seed -> same windows."""
+    """N random windows of ``seqlen`` tokens from a 1-D id stream -> [n, seqlen]. Same seed -> same windows.
+
+    Windows start at random offsets (two may overlap); asking for more tokens than the stream holds is refused
+    (:func:`check_window_count`)."""
     if ids.dim() != 1:
         raise ValueError("ids must be 1-D")
     if n < 1 or seqlen < 2:
         raise ValueError(f"need n >= 1 and seqlen >= 2 (got n={n}, seqlen={seqlen})")
-    if ids.numel() <= seqlen:
-        raise DataSourceError(f"text has {ids.numel()} tokens, fewer than one window of {seqlen}")
+    check_window_count(ids.numel(), n, seqlen)
     starts = torch.randint(0, ids.numel() - seqlen, (n,), generator=generator)
     return torch.stack([ids[s : s + seqlen] for s in starts.tolist()])
 

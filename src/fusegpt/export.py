@@ -15,15 +15,39 @@ from .adapters import get_adapter
 from .fusion import merge_fused_linears
 from .report import versions, write_json
 
-__all__ = ["OutputExistsError", "check_output_dir", "drop_blocks", "export_model"]
+__all__ = ["OutputError", "OutputExistsError", "check_output_dir", "check_writable", "drop_blocks", "export_model"]
 
 
-class OutputExistsError(FileExistsError):
+class OutputError(ValueError):
+    """The output path cannot be used: not empty (without overwrite), a file, or not writable."""
+
+
+class OutputExistsError(OutputError, FileExistsError):
     """The output folder exists and is not empty, and overwriting was not asked for."""
 
 
+def check_writable(out: Path) -> None:
+    """Probe that ``out`` can be created and written, leaving nothing behind (a temporary folder is made and
+    removed in the nearest existing ancestor, or in ``out`` itself when it exists)."""
+    probe_in = out
+    while not probe_in.exists():
+        if probe_in.parent == probe_in:
+            break
+        probe_in = probe_in.parent
+    if not probe_in.is_dir():
+        raise OutputError(f"cannot create output folder {str(out)!r}: {str(probe_in)!r} is not a folder")
+    try:
+        tmp = tempfile.mkdtemp(prefix=".fusegpt-write-probe-", dir=probe_in)
+        os.rmdir(tmp)
+    except OSError as exc:
+        raise OutputError(
+            f"output folder {str(out)!r} cannot be written ({exc.strerror or exc}); choose another --out"
+        ) from None
+
+
 def check_output_dir(out_dir: str | os.PathLike, overwrite: bool) -> Path:
-    """Refuse a non-empty folder (or a file) unless ``overwrite``; call before any long work."""
+    """Refuse a non-empty folder (or a file) unless ``overwrite``, and a path that cannot be written; call before
+    any long work. Writes nothing."""
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise OutputExistsError(f"output path {str(out)!r} exists and is a file; choose another --out")
@@ -31,6 +55,7 @@ def check_output_dir(out_dir: str | os.PathLike, overwrite: bool) -> Path:
         raise OutputExistsError(
             f"output folder {str(out)!r} is not empty; choose another --out or pass --overwrite to replace it"
         )
+    check_writable(out)
     return out
 
 

@@ -21,7 +21,10 @@ import torch
 
 log = logging.getLogger(__name__)
 
-__all__ = ["ModelSourceError", "LoadedModel", "resolve_source", "load_model", "cache_dir", "ALIASES"]
+__all__ = [
+    "ModelSourceError", "LoadedModel", "ModelInfo", "resolve_source", "inspect_model", "load_model", "cache_dir",
+    "check_checkpoint_files", "check_finite", "ALIASES",
+]
 
 
 class ModelSourceError(ValueError):
@@ -116,6 +119,88 @@ def _convert_gguf(src: ModelSource, target: Path) -> None:
         raise
 
 
+@dataclass
+class ModelInfo:
+    """What a model is, read without loading its weights (for checks before any work starts)."""
+
+    source: ModelSource
+    config: Any
+    tokenizer: Any
+    num_blocks: int
+    max_positions: int | None
+
+
+def _converted_folder(src: ModelSource) -> Path:
+    return cache_dir() / "gguf" / _gguf_key(src.path)
+
+
+def check_checkpoint_files(folder: Path) -> None:
+    """Read the header of every safetensors file of a HF folder (cheap, memory-mapped): a truncated or corrupt file
+    is refused here, before any weight is loaded."""
+    from safetensors import safe_open
+
+    files = sorted(folder.glob("*.safetensors"))
+    if not files and not any(folder.glob("*.bin")):
+        raise ModelSourceError(f"folder {str(folder)!r} holds no weights (*.safetensors or *.bin)")
+    for f in files:
+        try:
+            with safe_open(str(f), framework="pt") as fh:
+                fh.keys()
+        except Exception as exc:  # noqa: BLE001 - safetensors raises its own (non-OSError) error type
+            raise ModelSourceError(
+                f"checkpoint file {str(f)!r} is truncated or corrupt ({exc}); copy or download it again"
+            ) from None
+
+
+def check_gguf_file(path: Path) -> None:
+    """Parse a GGUF file's header and tensor table; a truncated or corrupt file is refused."""
+    try:
+        import gguf
+
+        gguf.GGUFReader(str(path))
+    except Exception as exc:  # noqa: BLE001 - numpy/gguf raise ValueError, OSError, struct errors ...
+        raise ModelSourceError(
+            f"GGUF file {str(path)!r} is truncated or corrupt ({exc}); download it again"
+        ) from None
+
+
+def inspect_model(name: str | os.PathLike) -> ModelInfo:
+    """Config and tokenizer of a model source, its checkpoint files checked, without loading any weights."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    src = resolve_source(name)
+    try:
+        if src.kind == "gguf" and not (_converted_folder(src) / "config.json").is_file():
+            check_gguf_file(src.path)
+            kw = {"gguf_file": src.path.name, "local_files_only": True}
+            config = AutoConfig.from_pretrained(src.path.parent, **kw)
+            tokenizer = AutoTokenizer.from_pretrained(src.path.parent, **kw)
+        else:
+            folder = _converted_folder(src) if src.kind == "gguf" else src.path
+            check_checkpoint_files(folder)
+            config = AutoConfig.from_pretrained(folder, local_files_only=True)
+            tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    except (OSError, ValueError, KeyError) as exc:
+        if isinstance(exc, ModelSourceError):
+            raise
+        raise ModelSourceError(f"could not read {src.name!r} ({src.path}): {exc}") from exc
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    return ModelInfo(src, config, tokenizer, int(text.num_hidden_layers),
+                     getattr(text, "max_position_embeddings", None))
+
+
+@torch.no_grad()
+def check_finite(model) -> None:
+    """Refuse a model with NaN or infinite weights (a broken conversion or checkpoint), naming the tensors."""
+    bad = [n for n, p in model.named_parameters() if not torch.isfinite(p).all()]
+    if bad:
+        more = f" and {len(bad) - 5} more" if len(bad) > 5 else ""
+        raise ModelSourceError(
+            f"the model has non-finite (NaN/inf) weights in {', '.join(bad[:5])}{more}; "
+            "the checkpoint is broken: convert or download it again"
+        )
+
+
 def load_model(
     name: str | os.PathLike,
     *,
@@ -130,17 +215,20 @@ def load_model(
     folder = src.path
     info: dict[str, Any] = {"kind": src.kind, "path": str(src.path)}
     if src.kind == "gguf":
-        folder = cache_dir() / "gguf" / _gguf_key(src.path)
+        folder = _converted_folder(src)
         if use_cache and (folder / "config.json").is_file():
             log.info("using cached conversion %s", folder)
         else:
+            check_gguf_file(src.path)
             _convert_gguf(src, folder)
         info["converted"] = str(folder)
+    check_checkpoint_files(folder)
     try:
         model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, local_files_only=True)
         tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
     except (OSError, ValueError) as exc:
         raise ModelSourceError(f"could not load {src.name!r} from {folder}: {exc}") from exc
+    check_finite(model)
     model.to(device)
     model.eval()
     return LoadedModel(model=model, tokenizer=tokenizer, source=src.name, info=info)

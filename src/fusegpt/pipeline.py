@@ -7,7 +7,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .api import CompressReport, compress
+from .api import CompressReport, compress, preflight
 from .config import CompressConfig
 from .evaluate import evaluate_perplexity
 from .export import check_output_dir, export_model
@@ -44,8 +44,8 @@ def run_compression(
     from .models import load_model
 
     out = check_output_dir(out, overwrite)
+    preflight(model_name, config)  # every refusal happens here, before loading
     loaded = load_model(model_name)
-    config.validate(loaded.model.config.num_hidden_layers)
     report = compress(loaded.model, config, tokenizer=loaded.tokenizer, source_model=model_name)
     if evaluate:
         res = evaluate_perplexity(loaded.model, loaded.tokenizer, desc="perplexity (compressed, in memory)",

@@ -21,6 +21,15 @@ def supported_model_types() -> list[str]:
     return sorted(_REGISTRY)
 
 
+def check_supported(config) -> None:
+    """Refuse an unsupported architecture from its config alone (before any weight is loaded)."""
+    model_type = getattr(config, "model_type", None)
+    if model_type not in _REGISTRY:
+        raise UnsupportedModelError(
+            f"architecture {model_type!r} is not supported; supported model types: {', '.join(supported_model_types())}"
+        )
+
+
 def get_adapter(model: nn.Module) -> Adapter:
     """The adapter for a loaded model; a clear error naming the supported families otherwise."""
     config = getattr(model, "config", None)

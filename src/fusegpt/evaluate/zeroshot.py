@@ -24,7 +24,10 @@ from typing import Any, Callable, Iterable
 
 log = logging.getLogger(__name__)
 
-__all__ = ["TASKS", "ALIASES", "resolve_tasks", "prepare_task_dir", "evaluate_tasks", "task_average"]
+__all__ = [
+    "TASKS", "ALIASES", "MissingExtraError", "require_lm_eval", "resolve_tasks", "prepare_task_dir", "evaluate_tasks",
+    "task_average",
+]
 
 _MC_METRICS = [{"metric": "acc", "aggregation": "mean", "higher_is_better": True},
                {"metric": "acc_norm", "aggregation": "mean", "higher_is_better": True}]
@@ -133,6 +136,18 @@ ALIASES = {"lambada": "lambada_openai", "arc_e": "arc_easy", "arc_c": "arc_chall
 DEFAULT_TASKS = ["arc_easy", "arc_challenge", "piqa", "boolq", "openbookqa", "lambada_openai", "mmlu"]
 
 
+class MissingExtraError(ImportError):
+    """An optional extra that a command needs is not installed."""
+
+
+def require_lm_eval() -> None:
+    """Refuse zero-shot tasks, before anything is loaded, when the ``eval`` extra is missing."""
+    import importlib.util
+
+    if importlib.util.find_spec("lm_eval") is None:
+        raise MissingExtraError("zero-shot tasks need lm-evaluation-harness: pip install 'fusegpt[eval]'")
+
+
 def resolve_tasks(names: Iterable[str]) -> list[str]:
     out = []
     for n in names:
@@ -181,12 +196,11 @@ def prepare_task_dir(root: Path | None = None) -> Path:
 def evaluate_tasks(model, tokenizer, tasks: list[str], *, limit: int | None = None, batch_size: int = 8,
                    num_fewshot: int = 0, seed: int = 0) -> dict[str, Any]:
     """Run tasks through lm-eval's HF model class; returns lm-eval's results dict (JSON-safe parts) + timings."""
-    try:
-        from lm_eval import simple_evaluate
-        from lm_eval.models.huggingface import HFLM
-        from lm_eval.tasks import TaskManager
-    except ImportError as exc:  # pragma: no cover - the optional extra
-        raise ImportError("zero-shot tasks need lm-evaluation-harness: pip install 'fusegpt[eval]'") from exc
+    require_lm_eval()
+    from lm_eval import simple_evaluate
+    from lm_eval.models.huggingface import HFLM
+    from lm_eval.tasks import TaskManager
+
     for var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
         os.environ.setdefault(var, "1")
     tasks = resolve_tasks(tasks)
