@@ -48,14 +48,31 @@ def test_compare_writes_table_json_plot(compared):
     assert (compared / "pareto.png").stat().st_size > 1000
 
 
-def test_drop_methods_with_the_same_blocks_share_one_evaluation(compared):
-    rows = json.loads((compared / "compare.json").read_text())["rows"]
-    drops = [r for r in rows if r["kind"] == "drop"]
-    for r in drops:
-        same = [o for o in drops if o is not r and sorted(o["removed"]) == sorted(r["removed"])]
-        for o in same:
-            assert o["ppl"] == r["ppl"]
-    assert any(r["eval_shared_with"] for r in drops) or len({tuple(sorted(r["removed"])) for r in drops}) == len(drops)
+def test_drop_methods_with_the_same_blocks_share_one_evaluation(tiny_folder, tmp_path, monkeypatch):
+    """A twin of drop-mi (same scorer, another name) must pick the same blocks and reuse drop-mi's evaluation
+    instead of running its own: the shared row names its source and costs no evaluation time."""
+    import fusegpt.compare as cmp
+    import fusegpt.methods.base as base
+
+    monkeypatch.setitem(base._METHODS, "drop-mi-twin", base._METHODS["drop-mi"])
+    monkeypatch.setitem(base._INFO, "drop-mi-twin", base.MethodInfo("drop-mi-twin", "drop", "test twin"))
+    evaluated = []
+    real = cmp.evaluate_perplexity
+
+    def counting(model, *a, **k):
+        evaluated.append(model.config.num_hidden_layers)
+        return real(model, *a, **k)
+
+    monkeypatch.setattr(cmp, "evaluate_perplexity", counting)
+    out = tmp_path / "twin"
+    assert main(["compare", str(tiny_folder), "--sparsity", "0.2", "--methods", "drop-mi-twin", "--out", str(out),
+                 *SMALL, *EVAL]) == 0
+    rows = {r["method"]: r for r in json.loads((out / "compare.json").read_text())["rows"]}
+    twin, naive = rows["drop-mi-twin"], rows["drop-mi"]
+    assert twin["removed"] == naive["removed"]
+    assert twin["eval_shared_with"] == "drop-mi@0.2" and naive["eval_shared_with"] is None
+    assert twin["ppl"] == naive["ppl"]
+    assert len(evaluated) == 2  # dense and drop-mi; the twin evaluated nothing
 
 
 def test_row_command_reproduces_the_row(compared, tiny_folder, tmp_path):
