@@ -275,3 +275,16 @@ def test_distillation_runs_without_dropout():
                                shuffle=False), calib_ids=random_ids(8, 16))
     s = rep.steps[0]
     assert s.epoch_losses[0] == pytest.approx(s.loss_before, rel=1e-5)
+
+
+@pytest.mark.parametrize("mode", ["oneshot", "iterative"])
+def test_score_plot_marks_every_removed_block_in_order(mode, tmp_path):
+    from fusegpt.pipeline import score_rows
+    from fusegpt.plots import plot_scores
+
+    rep = compress(tiny_model("llama", 8), _cfg(remove=3, mode=mode, epochs=0), calib_ids=random_ids(8, 16))
+    rows = score_rows(rep.steps)
+    assert len(rows) == (1 if mode == "oneshot" else 3)
+    marked = [m for _, _, ms in rows for m in ms]
+    assert marked == [(1, rep.removed[0]), (2, rep.removed[1]), (3, rep.removed[2])]
+    assert plot_scores(rows, 8, tmp_path / "mi.png").stat().st_size > 1000

@@ -16,12 +16,24 @@ from .report import write_json
 
 log = logging.getLogger(__name__)
 
-__all__ = ["run_compression", "write_report"]
+__all__ = ["run_compression", "write_report", "score_rows"]
+
+
+def score_rows(steps) -> list[tuple[int, dict[int, float], list[tuple[int, int]]]]:
+    """Rows of the score heat map: (step, scores, [(removal order, original block), ...]); each removal belongs to
+    the last scoring at or before it (one row with k removals for one-shot, k rows with one each for iterative)."""
+    rows: list[tuple[int, dict[int, float], list[tuple[int, int]]]] = []
+    for order, s in enumerate(steps, 1):
+        if s.scores:
+            rows.append((s.step, s.scores, []))
+        if rows:
+            rows[-1][2].append((order, s.removed))
+    return rows
 
 
 def write_report(report: CompressReport, out: Path) -> None:
     write_json(out / "fusegpt_report.json", report)
-    scored = [(s.step, s.scores, s.removed) for s in report.steps if s.scores]
+    scored = score_rows(report.steps)
     if scored:
         plot_scores(scored, report.original_layers, out / "mi.png",
                     title="Macro Influence" if report.method == "fusegpt" else f"{report.method} score")

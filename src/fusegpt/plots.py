@@ -27,9 +27,11 @@ def _save(fig, path: str | os.PathLike) -> Path:
     return path
 
 
-def plot_scores(rows: Sequence[tuple[int, dict[int, float], int]], num_blocks: int, path: str | os.PathLike,
-                title: str = "Macro Influence per block") -> Path:
-    """Heat map: one row per scored iteration (step, {original block: score}, removed block)."""
+def plot_scores(rows: Sequence[tuple[int, dict[int, float], Sequence[tuple[int, int]]]], num_blocks: int,
+                path: str | os.PathLike, title: str = "Macro Influence per block") -> Path:
+    """Heat map: one row per scored iteration (step, {original block: score}, [(order, block), ...]): every block
+    removed on the strength of that row's scores is outlined in red and labelled with its removal order (1 = first),
+    so a one-shot run (one scored row, k removals) shows all k."""
     plt = _plt()
     import numpy as np
 
@@ -37,17 +39,19 @@ def plot_scores(rows: Sequence[tuple[int, dict[int, float], int]], num_blocks: i
     for r, (_, scores, _) in enumerate(rows):
         for b, v in scores.items():
             data[r, b] = v
-    fig, ax = plt.subplots(figsize=(max(6, num_blocks * 0.3), 1.2 + 0.45 * len(rows)))
+    fig, ax = plt.subplots(figsize=(max(6, num_blocks * 0.3), 1.2 + 0.45 * max(len(rows), 2)))
     shown = np.log10(np.clip(data, 1e-6, None))
     im = ax.imshow(shown, aspect="auto", cmap="viridis", interpolation="nearest")
     for r, (_, _, removed) in enumerate(rows):
-        ax.add_patch(plt.Rectangle((removed - 0.5, r - 0.5), 1, 1, fill=False, edgecolor="red", lw=2))
+        for order, block in removed:
+            ax.add_patch(plt.Rectangle((block - 0.5, r - 0.5), 1, 1, fill=False, edgecolor="red", lw=2))
+            ax.text(block, r, str(order), ha="center", va="center", color="white", fontsize=8, fontweight="bold")
     ax.set_xlabel("original block index")
     ax.set_ylabel("iteration")
     ax.set_yticks(range(len(rows)), [str(s + 1) for s, _, _ in rows])
     ax.set_xticks(range(0, num_blocks, max(1, num_blocks // 15)))
     fig.colorbar(im, ax=ax, label="log10 score")
-    ax.set_title(f"{title} (red: removed; blank: already removed)")
+    ax.set_title(f"{title} (red, numbered: removed in that order; blank: already removed)")
     fig_path = _save(fig, path)
     plt.close(fig)
     return fig_path
