@@ -23,10 +23,15 @@ setup: $(VENV)/.installed
 demo: setup
 	$(VENV)/bin/fusegpt demo --threads $(THREADS)
 
+# The suite twice: --compute-dtype auto forced to fp32, then to bf16 (FUSEGPT_AUTO_DTYPE), so it passes the same
+# way on CPUs with and without native bf16; the lint first.
 test: setup
-	$(PY) -m pytest -q
+	$(VENV)/bin/ruff check src tests benchmarks
+	FUSEGPT_AUTO_DTYPE=fp32 $(PY) -m pytest -q
+	FUSEGPT_AUTO_DTYPE=bf16 $(PY) -m pytest -q -m "not slow"
 
 test-fast: setup
+	$(VENV)/bin/ruff check src tests benchmarks
 	$(PY) -m pytest -q -m "not slow"
 
 clean:

@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
-import time
 from pathlib import Path
 
 import torch
@@ -67,7 +65,6 @@ def main() -> None:
             continue
         loaded = load_model(args.model)
         model, tok = loaded.model, loaded.tokenizer
-        t0 = time.perf_counter()
         row = {"name": name, "values": values, "model": args.model}
         if name == "dense":
             row.update(layers=model.config.num_hidden_layers, seconds=0.0)

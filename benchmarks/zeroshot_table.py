@@ -26,7 +26,7 @@ def main(paths: list[str]) -> int:
                 n = sum(v["effective"] for k, v in d["n-samples"].items() if k.startswith(task + "_"))
             secs = d["seconds"].get(task)
 
-            def fmt(key: str) -> str:
+            def fmt(key: str, r: dict = r) -> str:
                 if key not in r:
                     return "-"
                 err = r.get(key.replace(",", "_stderr,"))

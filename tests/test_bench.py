@@ -1,7 +1,6 @@
 import json
 
 import pytest
-import torch
 
 from fusegpt.benchmark import BenchConfig, bench_models, model_macs
 from fusegpt.cli import main

@@ -106,7 +106,8 @@ def test_bf16_fusegpt_trains_fp32_masters_and_exports(tmp_path):
 
 def test_bf16_baseline_scores_close_to_fp32():
     for method, rel in (("shortgpt", 0.05), ("sleb", 0.02), ("taylor", 0.1)):
-        r32 = compress(tiny_model("llama", 8), _cfg(method=method, remove=1, nsamples=4, compute_dtype="fp32"), calib_ids=IDS)
+        r32 = compress(tiny_model("llama", 8), _cfg(method=method, remove=1, nsamples=4, compute_dtype="fp32"),
+                       calib_ids=IDS)
         r16 = compress(tiny_model("llama", 8), _cfg(method=method, remove=1, nsamples=4), calib_ids=IDS)
         s32, s16 = r32.steps[0].scores, r16.steps[0].scores
         assert s16 == pytest.approx(s32, rel=rel, abs=rel * max(s32.values())), method

@@ -4,7 +4,6 @@ import json
 import math
 
 import pytest
-import torch
 
 from fusegpt.cli import main
 

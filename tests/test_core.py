@@ -1,8 +1,6 @@
 """FuseGPT core on tiny models: MI cache == brute force, identity at start, iterative vs one-shot, faults."""
 
 import copy
-import json
-import math
 
 import pytest
 import torch

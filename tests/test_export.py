@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from fusegpt.export import OutputExistsError, check_output_dir, drop_blocks, export_model
-from fusegpt.fusion import FusedLinear, fused_linears, inject_donor
+from fusegpt.fusion import fused_linears, inject_donor
 from fusegpt.adapters import get_adapter
 
 from conftest import FAMILIES, random_ids, tiny_model

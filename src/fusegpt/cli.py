@@ -36,7 +36,8 @@ def _int_list(text: str) -> list[int]:
     try:
         return [int(t) for t in text.replace(" ", "").split(",") if t]
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated block indices like 20,21,22, got {text!r}")
+        msg = f"expected comma-separated block indices like 20,21,22, got {text!r}"
+        raise argparse.ArgumentTypeError(msg) from None
 
 
 def _windows(text: str) -> int | None:
@@ -45,9 +46,9 @@ def _windows(text: str) -> int | None:
     try:
         n = int(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"--max-windows takes a number or 'all', got {text!r}")
+        raise argparse.ArgumentTypeError(f"--max-windows takes a number or 'all', got {text!r}") from None
     if n < 1:
-        raise argparse.ArgumentTypeError("--max-windows must be >= 1")
+        raise argparse.ArgumentTypeError("--max-windows must be >= 1") from None
     return n
 
 
@@ -55,9 +56,9 @@ def _positive_int(text: str) -> int:
     try:
         n = int(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}")
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}") from None
     if n < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {n}")
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {n}") from None
     return n
 
 
@@ -247,7 +248,7 @@ def _float_list(text: str) -> list[float]:
     try:
         return [float(x) for x in text.split(",") if x.strip()]
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, e.g. 0.1,0.25; got {text!r}")
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, e.g. 0.1,0.25; got {text!r}") from None
 
 
 # ---- compare -----------------------------------------------------------------------------------------------------
@@ -304,7 +305,6 @@ def _print_compress_summary(rep, out) -> None:
 
 # ---- bench -------------------------------------------------------------------------------------------------------
 def cmd_bench(args: argparse.Namespace) -> int:
-    import json as _json
 
     from .benchmark import BenchConfig, bench_models
     from .device import resolve_device
@@ -341,9 +341,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
         row = [m["name"], m["layers"], m["params"], m["prefill"]["median_s"] * 1e3]
         row += [m["decode"][f"b{b}"]["tokens_per_second"] for b in cfg.decode_batches]
         mem = m.get("memory") or {}
-        mib = lambda k: "-" if mem.get(k) is None else round(mem[k] / 2**20, 1)  # noqa: E731
-        row += [m["macs_prefill"]["total"] / 1e6, round(m["param_bytes"] / 2**20, 1),
-                mib("peak_rss_over_baseline_bytes"), mib("peak_device_bytes")]
+        mib = ["-" if mem.get(k) is None else round(mem[k] / 2**20, 1)
+               for k in ("peak_rss_over_baseline_bytes", "peak_device_bytes")]
+        row += [m["macs_prefill"]["total"] / 1e6, round(m["param_bytes"] / 2**20, 1), *mib]
         rows.append(row)
     print(format_table(["model", "layers", "params", "prefill ms (median)",
                         *[f"decode tok/s b{b}" for b in cfg.decode_batches], "MMACs/token", "param MiB",
@@ -467,7 +467,6 @@ def cmd_demo(args: argparse.Namespace) -> int:
     drop_blocks(dense.model, rep.removed)
     drop_params = sum(p.numel() for p in dense.model.parameters())
     drop_ppl = evaluate_perplexity(dense.model, dense.tokenizer, desc="perplexity (plain removal)").ppl
-    import math
 
     from .report import recovery as _recovery
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Literal
 
@@ -139,7 +139,8 @@ class CompressConfig:
             if self.blocks is not None:
                 bad = [b for b in self.blocks if not 0 <= b < num_blocks]
                 need(not bad, f"--blocks {bad} out of range for a model with {num_blocks} blocks (0..{num_blocks - 1})")
-            need(k < num_blocks, f"removing {k} of {num_blocks} blocks would remove every block; lower --sparsity/--remove")
+            need(k < num_blocks,
+                 f"removing {k} of {num_blocks} blocks would remove every block; lower --sparsity/--remove")
             need(
                 self.group_size <= num_blocks - 1,
                 f"--group-size {self.group_size} is larger than the {num_blocks - 1} other blocks of the model",
@@ -205,7 +206,8 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
         else:
             data = json.loads(text)
     except Exception as exc:  # noqa: BLE001 - parser errors of two libraries
-        raise ConfigError(f"config file {str(path)!r} is not valid {'YAML' if path.suffix != '.json' else 'JSON'}: {exc}")
+        kind = "JSON" if path.suffix == ".json" else "YAML"
+        raise ConfigError(f"config file {str(path)!r} is not valid {kind}: {exc}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"config file {str(path)!r} must hold a mapping of keys to values")
     return {k.replace("-", "_"): v for k, v in data.items()}

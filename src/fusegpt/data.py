@@ -67,7 +67,8 @@ def _wikitext2_test() -> str:
     return _join_lines(line for line in raw.split("\n") if line)
 
 
-@register_source("wikitext2-valid", "WikiText-2 tokenized validation lines joined with blank lines (default calibration)")
+@register_source("wikitext2-valid",
+                 "WikiText-2 tokenized validation lines joined with blank lines (default calibration)")
 def _wikitext2_valid() -> str:
     return _join_lines(_packaged("wikitext2-valid.tokens.txt").split("\n"))
 

@@ -95,7 +95,7 @@ def plot_bench(rows: Sequence[dict], path: str | os.PathLike) -> Path:
     err = [[(r["prefill"]["median_s"] - r["prefill"]["min_s"]) * 1e3 for r in rows],
            [(r["prefill"]["max_s"] - r["prefill"]["median_s"]) * 1e3 for r in rows]]
     axes[0].bar(names, pre, yerr=err, color="tab:blue")
-    axes[0].set_title(f"prefill latency (ms), batch 1")
+    axes[0].set_title("prefill latency (ms), batch 1")
     for ax, b in zip(axes[1:], batches):
         axes_vals = [r["decode"][b]["tokens_per_second"] for r in rows]
         ax.bar(names, axes_vals, color="tab:green")

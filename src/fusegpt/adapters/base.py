@@ -121,7 +121,9 @@ class Adapter:
     def _position_embeddings(self, dummy: torch.Tensor, position_ids: torch.Tensor, kind: str) -> Any:
         return self.inner.rotary_emb(dummy, position_ids)
 
-    def context(self, seqlen: int, device: torch.device | None = None, dtype: torch.dtype | None = None) -> BlockContext:
+    def context(
+        self, seqlen: int, device: torch.device | None = None, dtype: torch.dtype | None = None
+    ) -> BlockContext:
         """Masks and position embeddings for unpadded sequences of ``seqlen`` tokens (batch dim 1)."""
         ref = self.inner.embed_tokens.weight
         device = device or ref.device

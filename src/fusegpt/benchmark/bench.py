@@ -147,7 +147,8 @@ def bench_models(models: dict[str, Any], cfg: BenchConfig, *, reference: str | N
     for b in cfg.decode_batches:
         log.info("timing decode: batch %d, %d new tokens, %d repeats, interleaved", b, cfg.decode_tokens, cfg.repeats)
         decode[b] = interleaved(
-            [(n, time_decode(m, prompts[b], cfg.decode_tokens, dtype), b * cfg.decode_tokens) for n, m in models.items()],
+            [(n, time_decode(m, prompts[b], cfg.decode_tokens, dtype), b * cfg.decode_tokens)
+             for n, m in models.items()],
             cfg.repeats,
         )
     decode_ctx = cfg.prompt_tokens + cfg.decode_tokens // 2

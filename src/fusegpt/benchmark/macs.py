@@ -24,4 +24,5 @@ def model_macs(model, context: int) -> MacsReport:
     per_block = [ad.block_macs_per_token(b, context) for b in ad.blocks]
     head = model.get_output_embeddings()
     lm = float(head.in_features * head.out_features) if head is not None else 0.0
-    return MacsReport(context=context, per_block=per_block, blocks=sum(per_block), lm_head=lm, total=sum(per_block) + lm)
+    return MacsReport(context=context, per_block=per_block, blocks=sum(per_block), lm_head=lm,
+                      total=sum(per_block) + lm)

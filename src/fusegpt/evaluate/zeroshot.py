@@ -126,7 +126,8 @@ TASKS: dict[str, tuple[Callable[[], list[dict]], dict]] = {
 }
 for _s in _mmlu_subjects():
     TASKS[f"mmlu_{_s}"] = (_mmlu(_s), _mc(
-        f"mmlu_{_s}", "{{question.strip()}}\nA. {{choices[0]}}\nB. {{choices[1]}}\nC. {{choices[2]}}\nD. {{choices[3]}}\nAnswer:",
+        f"mmlu_{_s}",
+        "{{question.strip()}}\nA. {{choices[0]}}\nB. {{choices[1]}}\nC. {{choices[2]}}\nD. {{choices[3]}}\nAnswer:",
         "answer", ["A", "B", "C", "D"], metrics=[{"metric": "acc", "aggregation": "mean", "higher_is_better": True}],
         description=f"The following are multiple choice questions (with answers) about {_s.replace('_', ' ')}.\n\n",
         task_alias=_s))

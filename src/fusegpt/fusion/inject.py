@@ -20,7 +20,9 @@ def _effective(linear: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
     return linear.weight.detach(), None if linear.bias is None else linear.bias.detach()
 
 
-def wrap_block(adapter, block: nn.Module, *, lora_rank: int, generator: torch.Generator | None = None) -> dict[str, FusedLinear]:
+def wrap_block(
+    adapter, block: nn.Module, *, lora_rank: int, generator: torch.Generator | None = None
+) -> dict[str, FusedLinear]:
     """Replace every fusable linear of ``block`` by a FusedLinear (already-fused ones are kept)."""
     out = {}
     for name, lin in adapter.block_linears(block).items():

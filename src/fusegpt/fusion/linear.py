@@ -102,7 +102,8 @@ class FusedLinear(nn.Module):
     ) -> None:
         """Register a removed block's (effective) weight as a buffer with a new zero coefficient."""
         if tuple(weight.shape) != (self.out_features, self.in_features):
-            raise ValueError(f"donor weight {tuple(weight.shape)} does not match {(self.out_features, self.in_features)}")
+            want = (self.out_features, self.in_features)
+            raise ValueError(f"donor weight {tuple(weight.shape)} does not match {want}")
         k = self.num_donors
         self.register_buffer(f"donor_weight_{k}", weight.detach().to(self.weight).clone())
         use_bias = bias is not None and self.bias is not None
