@@ -162,6 +162,12 @@ def test_non_finite_weights(tiny_folder, tmp_path, capsys, monkeypatch):
     assert not calls and not (tmp_path / "o").exists()
 
 
+def test_bad_auto_dtype_switch(tiny_folder, tmp_path, capsys, monkeypatch, no_load):
+    monkeypatch.setenv("FUSEGPT_AUTO_DTYPE", "fp8")
+    _refused(["compress", str(tiny_folder), "--out", str(tmp_path / "o"), "--remove", "1", "--no-eval"], capsys,
+             "FUSEGPT_AUTO_DTYPE='fp8'")
+
+
 def test_unknown_model(tmp_path, capsys):
     _refused(_compress("no-such-model", tmp_path / "o", "--remove", "1"), capsys, "accepted are")
     assert not (tmp_path / "o").exists()

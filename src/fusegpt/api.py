@@ -13,7 +13,14 @@ from .activations import Runner
 from .adapters import check_supported, get_adapter
 from .config import CompressConfig, num_removals
 from .data import check_window_count, load_text, sample_windows, tokenize_text
-from .device import choose_compute_dtype, matmul_flops_per_second, peak_memory_bytes, reset_peak_memory, resolve_device
+from .device import (
+    auto_dtype_override,
+    choose_compute_dtype,
+    matmul_flops_per_second,
+    peak_memory_bytes,
+    reset_peak_memory,
+    resolve_device,
+)
 from .methods import Job, StepReport, get_method
 from .models import ModelInfo, inspect_model
 from .report import versions
@@ -49,6 +56,8 @@ def preflight(model_name: str, config: CompressConfig) -> ModelInfo:
     """Every check of a run that needs only the model's config and tokenizer, before any weight is loaded or any
     compute starts: the model source and its checkpoint files, the architecture, the method names, the config
     against the model (blocks, maximum context) and the calibration text against ``nsamples x seqlen``."""
+    if config.compute_dtype == "auto":
+        auto_dtype_override()
     info = inspect_model(model_name)
     check_supported(info.config)
     get_method(config.method)

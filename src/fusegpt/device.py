@@ -18,6 +18,7 @@ __all__ = [
     "parse_dtype",
     "choose_compute_dtype",
     "AUTO_DTYPE_ENV",
+    "auto_dtype_override",
 ]
 
 _DTYPES = {
@@ -121,6 +122,15 @@ def matmul_flops_per_second(device: torch.device, dtype: torch.dtype, n: int = 1
 AUTO_DTYPE_ENV = "FUSEGPT_AUTO_DTYPE"
 
 
+def auto_dtype_override() -> str | None:
+    """``fp32`` or ``bf16`` when ``FUSEGPT_AUTO_DTYPE`` forces what ``auto`` means, else None; other values are
+    refused."""
+    forced = os.environ.get(AUTO_DTYPE_ENV, "").strip().lower()
+    if forced and forced not in ("fp32", "bf16"):
+        raise ValueError(f"{AUTO_DTYPE_ENV}={forced!r}: use fp32 or bf16 (or unset it to measure)")
+    return forced or None
+
+
 def choose_compute_dtype(device: torch.device, requested: str) -> torch.dtype | None:
     """'fp32' -> None (no autocast); 'bf16'/'fp16' as asked; 'auto' -> bf16 only where a measured matmul runs at
     least 1.3x faster than fp32 (CPUs without native bf16 run it ~80x slower).
@@ -131,10 +141,8 @@ def choose_compute_dtype(device: torch.device, requested: str) -> torch.dtype | 
     if requested != "auto":
         dt = parse_dtype(requested)
         return None if dt == torch.float32 else dt
-    forced = os.environ.get(AUTO_DTYPE_ENV, "").strip().lower()
+    forced = auto_dtype_override()
     if forced:
-        if forced not in ("fp32", "bf16"):
-            raise ValueError(f"{AUTO_DTYPE_ENV}={forced!r}: use fp32 or bf16 (or unset it to measure)")
         return None if forced == "fp32" else torch.bfloat16
     if device.type == "cuda":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else None
