@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import json
 import logging
 import os
 import time
@@ -27,6 +26,7 @@ from .evaluate import evaluate_perplexity
 from .evaluate.perplexity import perplexity_windows
 from .export import OutputExistsError, check_writable, export_model
 from .methods import method_info, method_names
+from .runs import RecordLog, check_settings
 from .report import format_table, recovery, to_jsonable, versions, write_json, write_text
 
 log = logging.getLogger(__name__)
@@ -92,22 +92,17 @@ def compress_command(model: str, cfg: CompressConfig, out: str = "OUT") -> str:
     return f"fusegpt compress {model} " + " ".join(flags) + f" --out {out}"
 
 
-def _append_row(path: Path, row: CompareRow) -> None:
-    with open(path, "a", encoding="utf-8") as f:
-        f.write(json.dumps(to_jsonable(row)) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
+def _rows_log(out: Path) -> RecordLog:
+    return RecordLog(out / "rows.jsonl")
 
 
-def _read_rows(path: Path) -> list[CompareRow]:
+def _read_rows(out: Path) -> list[CompareRow]:
     rows = []
-    if path.is_file():
-        for line in path.read_text(encoding="utf-8").splitlines():
-            if line.strip():
-                try:
-                    rows.append(CompareRow(**json.loads(line)))
-                except (json.JSONDecodeError, TypeError):
-                    log.warning("ignoring a damaged line of %s (an interrupted write)", path)
+    for rec in _rows_log(out).read():
+        try:
+            rows.append(CompareRow(**rec))
+        except TypeError:
+            log.warning("ignoring a row of %s written by another version", out / "rows.jsonl")
     return rows
 
 
@@ -117,13 +112,8 @@ def _prepare_out(out: Path, settings: dict, *, resume: bool, overwrite: bool) ->
     state = out / "compare-settings.json"
     if out.is_dir() and any(out.iterdir()):
         if resume and state.is_file():
-            old = json.loads(state.read_text(encoding="utf-8"))
-            diff = [k for k in _RESUME_KEYS if to_jsonable(old.get(k)) != to_jsonable(settings.get(k))]
-            if diff:
-                raise OutputExistsError(
-                    f"--resume: {str(out)!r} was started with different {', '.join(diff)}; use the same settings "
-                    "or another --out")
-            return _read_rows(out / "rows.jsonl")
+            check_settings(state, settings, what=f"compare in {str(out)!r}", keys=_RESUME_KEYS)
+            return _read_rows(out)
         if not overwrite:
             raise OutputExistsError(
                 f"output folder {str(out)!r} is not empty; pass --resume to continue an interrupted compare there, "
@@ -217,7 +207,7 @@ def _run_rows(model_name: str, dev, base: CompressConfig, settings: dict, todo: 
     new: list[CompareRow] = []
 
     def keep(row: CompareRow) -> None:
-        _append_row(out / "rows.jsonl", row)
+        _rows_log(out).append(row)
         new.append(row)
 
     if ("dense", 0.0) not in have:

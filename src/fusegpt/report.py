@@ -10,7 +10,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-__all__ = ["to_jsonable", "write_json", "write_text", "versions", "format_table", "recovery"]
+__all__ = ["to_jsonable", "atomic_write_bytes", "write_json", "write_text", "versions", "format_table", "recovery"]
 
 
 def to_jsonable(obj: Any) -> Any:
@@ -35,17 +35,37 @@ def write_json(path: str | os.PathLike, obj: Any) -> Path:
 
 
 def write_text(path: str | os.PathLike, text: str) -> Path:
-    """Write text atomically (temp file in the same folder, then rename)."""
+    """Write text atomically (temp file in the same folder, fsync, then rename)."""
+    return atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def _fsync_dir(folder: Path) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:  # not every platform opens folders
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
+    """Write to a temporary file in the same folder, fsync, rename over ``path``, fsync the folder: after a crash
+    the file holds either the old or the new content, never a mix."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    _fsync_dir(path.parent)
     return path
 
 
