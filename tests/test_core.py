@@ -114,9 +114,9 @@ def test_train_modes_and_coefficients_run(train, coef):
     assert rep.steps[0].train_steps == 4
 
 
-def _poison_training_call(monkeypatch, at: int):
-    """Make the mse loss non-finite on its ``at``-th call with gradients on (a training step), after ``at - 1``
-    optimizer steps have run; no-grad evaluation calls are left alone. Returns the call counter."""
+def _poison_training_calls(monkeypatch, at, how="nan"):
+    """Make the mse loss diverge on the training calls (gradients on) whose 1-based number is in ``at``: NaN, or
+    1e6 x its value (past the divergence factor); no-grad evaluation calls are left alone."""
     import fusegpt.distill.losses as losses
 
     real = losses.LOSSES["mse"]
@@ -125,27 +125,81 @@ def _poison_training_call(monkeypatch, at: int):
     def poisoned(s, t):
         if torch.is_grad_enabled():
             calls["n"] += 1
-            if calls["n"] == at:
-                return real(s, t) * float("nan")
+            if calls["n"] in at:
+                return real(s, t) * (float("nan") if how == "nan" else 1e6)
         return real(s, t)
 
     monkeypatch.setitem(losses.LOSSES, "mse", poisoned)
     return calls
 
 
-def test_nonfinite_loss_after_steps_restores_group(monkeypatch):
-    """Two optimizer steps change the group, the third loss is NaN: the group is back to exactly its state before
-    training, i.e. the fused model equals plain removal again (every new term zero)."""
-    _poison_training_call(monkeypatch, at=3)
+def _spy_trainer(monkeypatch):
+    """Record, for every train_group call, its learning rates and the trained parameters at entry and at exit."""
+    import fusegpt.methods.fusegpt as fg
+
+    real = fg.train_group
+    calls = []
+
+    def spy(runner, blocks, kinds, x, y, groups, settings, **kw):
+        entry = [p.detach().clone() for g in groups for p in g.params]
+        res = real(runner, blocks, kinds, x, y, groups, settings, **kw)
+        calls.append({"lrs": [g.lr for g in groups], "entry": entry,
+                      "exit": [p.detach().clone() for g in groups for p in g.params], "res": res})
+        return res
+
+    monkeypatch.setattr(fg, "train_group", spy)
+    return calls
+
+
+def _run_poisoned(monkeypatch, at, how="nan"):
+    _poison_training_calls(monkeypatch, at, how)
+    calls = _spy_trainer(monkeypatch)
+    real_step = torch.optim.Adam.step
+    stepped = []
+
+    def step(self, *a, **k):  # the trained parameters after every optimizer step
+        out = real_step(self, *a, **k)
+        stepped.append([p.detach().clone() for g in self.param_groups for p in g["params"]])
+        return out
+
+    monkeypatch.setattr(torch.optim.Adam, "step", step)
+    calls.append(stepped)
     ids = random_ids(8, 16)
     model = tiny_model("llama", 6)
     plain = copy.deepcopy(model)
     rep = compress(model, _cfg(remove=1, consolidate=False, epochs=2, batch_size=2, coef_lr=1e-1, lr=1e-2),
                    calib_ids=ids)
-    s = rep.steps[0]
-    assert s.nonfinite and s.restored and s.train_steps == 2
-    get_adapter(plain).remove_blocks([s.removed])
-    with torch.no_grad():
+    get_adapter(plain).remove_blocks([rep.steps[0].removed])
+    return rep.steps[0], calls, model, plain, ids
+
+
+@pytest.mark.parametrize("how", ["nan", "grow"])
+def test_divergence_after_steps_restores_the_group_and_retries_at_half_lr(monkeypatch, how):
+    """Two optimizer steps change the group, the third loss diverges (NaN, or 1e6 x: past the factor 100): the
+    group is restored to exactly its values before training and trained again at half the learning rates."""
+    s, calls, model, plain, ids = _run_poisoned(monkeypatch, at={3}, how=how)
+    stepped = calls.pop(0)
+    assert len(calls) == 2
+    first, retry = calls
+    assert first["res"].diverged and first["res"].steps == 2 and first["res"].restored
+    assert ("non-finite" if how == "nan" else "> 100 x") in first["res"].reason
+    # the two steps had changed the parameters; the restore undid them exactly
+    assert any(not torch.equal(a, b) for a, b in zip(stepped[1], first["entry"]))
+    assert all(torch.equal(a, b) for a, b in zip(first["exit"], first["entry"]))
+    assert all(torch.equal(a, b) for a, b in zip(retry["entry"], first["entry"]))
+    assert retry["lrs"] == [lr / 2 for lr in first["lrs"]]
+    assert not retry["res"].diverged and retry["res"].steps == 8
+    assert s.retried and not s.fallback and len(s.divergence) == 1 and s.train_steps == 8
+    with torch.no_grad():  # the retry trained: no longer plain removal
+        assert not torch.allclose(model(input_ids=ids).logits, plain(input_ids=ids).logits, atol=1e-6)
+
+
+def test_divergence_twice_falls_back_to_plain_removal(monkeypatch):
+    s, calls, model, plain, ids = _run_poisoned(monkeypatch, at={3, 6})  # call 6 = the retry's third step
+    calls.pop(0)
+    assert len(calls) == 2 and all(c["res"].diverged for c in calls)
+    assert s.retried and s.fallback and len(s.divergence) == 2
+    with torch.no_grad():  # every fused term is zero again: exactly plain removal
         torch.testing.assert_close(model(input_ids=ids).logits, plain(input_ids=ids).logits, rtol=0, atol=1e-6)
     from fusegpt.fusion import fused_linears
 

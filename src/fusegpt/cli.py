@@ -187,6 +187,8 @@ _CONFIG_FLAGS = [
     ("--lr", float, "learning rate of LoRA, norms (and weights with --train full)"),
     ("--coef-lr", float, "learning rate of the fusion coefficients"),
     ("--batch-size", int, "sequences per optimizer step"),
+    ("--diverge-factor", float, "a loss past this factor x its first value restores the group, retries at half "
+                                "the lr, else keeps plain removal for the step (default 100; 0 = NaN/inf only)"),
     ("--nsamples", int, "calibration sequences"),
     ("--score-samples", int, "calibration sequences used for scoring (the first ones)"),
     ("--seqlen", int, "calibration sequence length in tokens"),

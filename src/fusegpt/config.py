@@ -64,6 +64,9 @@ class CompressConfig:
     weight_decay: float = 0.0
     batch_size: int = 4
     shuffle: bool = True
+    # divergence: a distillation loss past this factor x its first step's value (or non-finite) restores the
+    # group and retries once at half the learning rates, else keeps plain removal for that step; 0 = only NaN/inf
+    diverge_factor: float = 100.0
     # baselines (see docs/METHOD.md): LaCo merges `laco_layers` consecutive layers into one, skips
     # `laco_interval` layers after an accepted merge and accepts when the final hidden states keep mean cosine
     # > `laco_threshold` with the original model's; heal-lora heals the model left by `heal_from`;
@@ -118,6 +121,8 @@ class CompressConfig:
         need(self.epochs >= 0, f"--epochs must be >= 0, got {self.epochs}")
         need(self.lr >= 0 and self.coef_lr >= 0, "learning rates must be >= 0")
         need(self.batch_size >= 1, f"--batch-size must be >= 1, got {self.batch_size}")
+        need(self.diverge_factor == 0 or self.diverge_factor > 1,
+             f"--diverge-factor must be 0 (off) or > 1, got {self.diverge_factor}")
         need(self.laco_layers >= 2, f"--laco-layers must be >= 2, got {self.laco_layers}")
         need(self.laco_interval >= 1, f"--laco-interval must be >= 1, got {self.laco_interval}")
         need(-1 <= self.laco_threshold <= 1, f"--laco-threshold must be a cosine in [-1, 1], got {self.laco_threshold}")

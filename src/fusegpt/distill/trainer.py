@@ -33,6 +33,8 @@ class TrainSettings:
     eps: float = 1e-8
     weight_decay: float = 0.0
     shuffle: bool = True
+    # a loss above this factor times the first step's loss counts as divergence (0 = only non-finite losses)
+    diverge_factor: float = 0.0
 
 
 @dataclass
@@ -40,6 +42,8 @@ class TrainResult:
     epoch_losses: list[float] = field(default_factory=list)
     steps: int = 0
     nonfinite: bool = False
+    diverged: bool = False  # non-finite, or grew past diverge_factor x the first loss
+    reason: str | None = None
     restored: bool = False
     seconds: float = 0.0
     tokens: int = 0  # tokens passed forward+backward through the group
@@ -80,6 +84,8 @@ def train_group(
     teacher. A non-finite loss stops training and restores
     every trained parameter to its value before training (``result.restored``). ``loss_fn(output, target)``
     replaces the named ``settings.loss`` (``targets`` may then be anything indexable by sample, e.g. token ids).
+    A loss that grows past ``settings.diverge_factor`` times the first step's loss is divergence too: training
+    stops and the parameters are restored the same way (``result.diverged``, ``result.reason``).
     """
     res = TrainResult()
     params = [p for g in groups for p in g.params]
@@ -101,6 +107,7 @@ def train_group(
     # the blocks stay in eval mode: the teacher ran in eval mode, so the student must compute the same function
     # (training mode would switch dropout on for models whose config has it)
     bar = tqdm(total=total_steps, desc=desc, disable=desc is None, leave=False)
+    start = 0.0  # the first step's loss
     try:
         for epoch in range(settings.epochs):
             order = torch.randperm(n, generator=generator) if settings.shuffle else torch.arange(n)
@@ -115,28 +122,38 @@ def train_group(
                 loss = fn(out, y)
                 if not torch.isfinite(loss):
                     res.nonfinite = True
+                    res.reason = f"non-finite loss at step {res.steps + 1}"
+                    break
+                value = float(loss.detach())
+                start = value if res.steps == 0 else start
+                if settings.diverge_factor > 0 and res.steps > 0 and value > settings.diverge_factor * start:
+                    res.diverged = True
+                    res.reason = (f"loss {value:.4g} at step {res.steps + 1} > {settings.diverge_factor:g} x the "
+                                  f"first step's {start:.4g}")
                     break
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
                 res.steps += 1
                 res.tokens += x.shape[0] * x.shape[1]
-                running += float(loss.detach()) * x.shape[0]
+                running += value * x.shape[0]
                 seen += x.shape[0]
                 bar.update(1)
-                bar.set_postfix(epoch=f"{epoch + 1}/{settings.epochs}", loss=f"{float(loss.detach()):.4g}")
-            if res.nonfinite:
+                bar.set_postfix(epoch=f"{epoch + 1}/{settings.epochs}", loss=f"{value:.4g}")
+            if res.nonfinite or res.diverged:
                 break
             res.epoch_losses.append(running / max(seen, 1))
             if on_epoch is not None:
                 on_epoch(epoch, res.epoch_losses[-1])
-        if not res.nonfinite and not all(torch.isfinite(p).all() for p in params):
+        if not (res.nonfinite or res.diverged) and not all(torch.isfinite(p).all() for p in params):
             res.nonfinite = True
+            res.reason = "non-finite parameters after training"
     finally:
         bar.close()
         for p in params:
             p.grad = None
-    if res.nonfinite:
+    res.diverged = res.diverged or res.nonfinite
+    if res.diverged:
         with torch.no_grad():
             for p, old in zip(params, snapshot):
                 p.copy_(old)

@@ -166,6 +166,25 @@ class FusedLinear(nn.Module):
             lin.bias.copy_(b.detach())
         return lin
 
+    # ---- structure (for checkpoints: rebuild the same module, then load its state dict) ---------------------
+    def spec(self) -> dict:
+        """The structure of this layer without its values: LoRA rank and, per donor, coefficient kind, rank and
+        whether it has a bias term."""
+        return {"lora_rank": 0 if self.lora_A is None else int(self.lora_A.shape[0]),
+                "donors": [{"kind": c.kind, "rank": int(c.coef_A.shape[0]) if c.kind == "lowrank" else 0,
+                            "bias": d is not None} for c, _, d in self.donors()]}
+
+    @classmethod
+    def from_spec(cls, base: nn.Linear, spec: dict) -> "FusedLinear":
+        """A layer with the structure of ``spec`` around ``base``; its values are placeholders until a state dict
+        saved from the original layer is loaded."""
+        fl = cls(base, lora_rank=int(spec["lora_rank"]))
+        for d in spec["donors"]:
+            w = torch.zeros_like(fl.weight)
+            b = torch.zeros_like(fl.bias) if d["bias"] and fl.bias is not None else None
+            fl.add_donor(w, b, coef_kind=d["kind"], coef_rank=max(1, int(d["rank"])))
+        return fl
+
     def extra_repr(self) -> str:
         r = 0 if self.lora_A is None else self.lora_A.shape[0]
         return f"in={self.in_features}, out={self.out_features}, lora_rank={r}, donors={self.num_donors}"

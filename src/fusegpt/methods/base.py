@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+import contextlib
+import time
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 
-from ..activations import Runner
+from ..activations import ActivationCache, Runner
 from ..adapters import Adapter
 from ..config import CompressConfig
 
-__all__ = ["Job", "StepReport", "register_method", "get_method", "method_names", "method_info", "MethodInfo"]
+__all__ = [
+    "Job", "RunState", "StepReport", "register_method", "get_method", "method_names", "method_info", "MethodInfo",
+]
 
 
 @dataclass
@@ -30,8 +34,30 @@ class StepReport:
     train_steps: int = 0
     nonfinite: bool = False
     restored: bool = False
+    # divergence handling (fuse methods): the first attempt diverged and training was retried at half the learning
+    # rate; ``fallback``: the retry diverged too and the step kept plain removal (every fused term zero)
+    retried: bool = False
+    fallback: bool = False
+    divergence: list[str] = field(default_factory=list)  # the reason of every diverged attempt
     seconds: dict[str, float] = field(default_factory=dict)
     extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class RunState:
+    """Where a removal run stands: the original index of every current block, the finished steps and the activation
+    caches kept across steps. Methods, resume and the search read and change it through :class:`Job`."""
+
+    orig: list[int]
+    steps: list[StepReport] = field(default_factory=list)
+    caches: dict[str, ActivationCache] = field(default_factory=dict)
+
+    def current(self, original: int) -> int:
+        """Current index of an original block (ValueError if it was removed)."""
+        return self.orig.index(original)
+
+    def originals(self, current: list[int]) -> list[int]:
+        return [self.orig[i] for i in current]
 
 
 @dataclass
@@ -46,10 +72,58 @@ class Job:
     num_removals: int
     on_step: Callable[[StepReport], None] | None = None
     flops: dict[str, float] = field(default_factory=lambda: {"scoring": 0.0, "teacher": 0.0, "train": 0.0, "eval": 0.0})
+    state: RunState | None = None
+    checkpoint: Any = None  # a methods.checkpoint.Checkpoint when the run is resumable
+
+    def __post_init__(self) -> None:
+        if self.state is None:
+            self.state = RunState(orig=list(range(self.adapter.num_blocks)))
 
     @property
     def model(self):
         return self.adapter.model
+
+    @property
+    def next_step(self) -> int:
+        """Index of the next removal (> 0 after a resume)."""
+        return len(self.state.steps)
+
+    def cache(self, name: str, input_ids: torch.Tensor) -> ActivationCache:
+        """The activation cache ``name`` over ``input_ids``, kept across steps (created on first use)."""
+        if name not in self.state.caches:
+            self.state.caches[name] = ActivationCache(self.runner, input_ids)
+        return self.state.caches[name]
+
+    def remove_block(self, p: int, *, first_changed: int | None = None) -> int:
+        """Remove current block ``p``; every cache keeps its entries before the first changed block (``p`` or an
+        earlier block whose weights changed in this step). Returns the original index."""
+        self.adapter.remove_blocks([p])
+        keep = min(p, p if first_changed is None else first_changed) + 1
+        for cache in self.state.caches.values():
+            cache.truncate(keep)
+        return self.state.orig.pop(p)
+
+    def finish_step(self, rep: StepReport, changed: list[int] = ()) -> None:
+        """Record a finished removal: ``changed`` = current indices (after the removal) of the blocks whose weights
+        changed; with a checkpoint the step is persisted before this returns."""
+        self.state.steps.append(rep)
+        if self.checkpoint is not None:
+            self.checkpoint.save(self, rep, list(changed))
+        if self.on_step is not None:
+            self.on_step(rep)
+
+    @contextlib.contextmanager
+    def measure(self, key: str, seconds: dict[str, float], *, flops_key: str | None = None,
+                flops_factor: float = 2.0) -> Iterator[None]:
+        """Time a phase into ``seconds[key]`` and count its model FLOPs (``flops_factor`` x the forward MACs the
+        runner counted; 2 = forward, 6 = forward + backward) into ``flops[flops_key or key]``."""
+        t, m0 = time.perf_counter(), self.runner.macs
+        try:
+            yield
+        finally:
+            seconds[key] = seconds.get(key, 0.0) + time.perf_counter() - t
+            k = flops_key or key
+            self.flops[k] = self.flops.get(k, 0.0) + flops_factor * (self.runner.macs - m0)
 
 
 @dataclass(frozen=True)
@@ -64,6 +138,7 @@ class MethodInfo:
     name: str
     kind: str
     summary: str
+    resumable: bool = True  # continues after a crash from its last finished step (else --resume starts it again)
 
 
 _METHODS: dict[str, Callable[[Job], list[StepReport]]] = {}
@@ -71,7 +146,7 @@ _INFO: dict[str, MethodInfo] = {}
 KINDS = ("drop", "merge", "fuse", "heal")
 
 
-def register_method(name: str, *, kind: str = "fuse", summary: str = "") -> Callable:
+def register_method(name: str, *, kind: str = "fuse", summary: str = "", resumable: bool = True) -> Callable:
     if kind not in KINDS:
         raise ValueError(f"method kind must be one of {KINDS}, got {kind!r}")
 
@@ -79,7 +154,7 @@ def register_method(name: str, *, kind: str = "fuse", summary: str = "") -> Call
         if name in _METHODS:
             raise ValueError(f"method {name!r} registered twice")
         _METHODS[name] = fn
-        _INFO[name] = MethodInfo(name, kind, summary or (fn.__doc__ or "").strip().split("\n")[0])
+        _INFO[name] = MethodInfo(name, kind, summary or (fn.__doc__ or "").strip().split("\n")[0], resumable)
         return fn
 
     return deco

@@ -7,12 +7,11 @@ the k lowest-MI blocks in turn (each still fused and distilled).
 from __future__ import annotations
 
 import logging
-import time
 
 import torch
 from torch import nn
 
-from ..activations import ActivationCache
+from .. import faults
 from ..distill import ParamGroup, TrainSettings, group_loss, group_window, train_group
 from ..fusion import FusedLinear, inject_donor, merge_fused_linears
 from ..scoring import macro_influence_scores, output_similarity
@@ -20,7 +19,10 @@ from .base import Job, StepReport, register_method
 
 log = logging.getLogger(__name__)
 
-__all__ = ["run_fusegpt", "run_fusegpt_global", "fuse_and_remove", "param_groups"]
+__all__ = [
+    "run_fusegpt", "run_fusegpt_global", "fuse_and_remove", "fuse_step", "param_groups", "receivers_for",
+    "Selection", "IterativeMI", "OneShotMI", "FixedPlan", "selection_for",
+]
 
 
 def param_groups(receivers: list[nn.Module], train: str, coef_lr: float, lr: float) -> list[ParamGroup]:
@@ -53,14 +55,150 @@ def param_groups(receivers: list[nn.Module], train: str, coef_lr: float, lr: flo
 
 
 def _group_losses(job: Job, blocks: list[nn.Module], kinds: list[str], x: torch.Tensor,
-                  y: torch.Tensor) -> tuple[float, float]:
+                  y: torch.Tensor, sec: dict[str, float]) -> tuple[float, float]:
     """(configured loss, MSE) of the group on x vs y, counted as evaluation FLOPs."""
-    runner, loss = job.runner, job.config.loss
-    m0 = runner.macs
-    value = group_loss(runner, blocks, kinds, x, y, loss)
-    mse = group_loss(runner, blocks, kinds, x, y, "mse") if loss != "mse" else value
-    job.flops["eval"] += 2 * (runner.macs - m0)
+    loss = job.config.loss
+    with job.measure("eval", sec):
+        value = group_loss(job.runner, blocks, kinds, x, y, loss)
+        mse = group_loss(job.runner, blocks, kinds, x, y, "mse") if loss != "mse" else value
     return value, mse
+
+
+# ---- selection policies: which current block goes next ---------------------------------------------------------
+class Selection:
+    """A selection policy: ``choose(job, step)`` -> (current index of the block to remove, scores by original
+    index when it scored at this step, else None). Policies keep no state of their own beyond the job's finished
+    steps, so a resumed run chooses exactly what the uninterrupted one would."""
+
+    def choose(self, job: Job, step: int, sec: dict[str, float]) -> tuple[int, dict[int, float] | None]:
+        raise NotImplementedError
+
+
+def _mi_scores(job: Job, step: int, sec: dict[str, float]) -> dict[int, float]:
+    cache = job.cache("score", job.calib_ids[: job.config.score_samples])
+    with job.measure("scoring", sec):
+        scores = macro_influence_scores(cache, desc=f"({step + 1}/{job.num_removals}) scoring")
+    return {job.state.orig[i]: s for i, s in enumerate(scores)}
+
+
+class IterativeMI(Selection):
+    """Re-score Macro Influence on the current (fused) model before every removal; remove the lowest."""
+
+    def choose(self, job, step, sec):
+        scores = _mi_scores(job, step, sec)
+        return job.state.current(min(scores, key=scores.get)), scores
+
+
+class OneShotMI(Selection):
+    """Score once (step 0); remove the k lowest in order of their score."""
+
+    def choose(self, job, step, sec):
+        scores = _mi_scores(job, step, sec) if step == 0 else None
+        first = scores if scores is not None else job.state.steps[0].scores
+        plan = sorted(first, key=first.get)[: job.num_removals]
+        return job.state.current(plan[step]), scores
+
+
+class FixedPlan(Selection):
+    """Remove the given original blocks in the given order, without scoring (ablations on fixed blocks)."""
+
+    def __init__(self, blocks: list[int]) -> None:
+        self.blocks = list(blocks)
+
+    def choose(self, job, step, sec):
+        return job.state.current(self.blocks[step]), None
+
+
+def selection_for(config) -> Selection:
+    if config.blocks is not None:
+        return FixedPlan(config.blocks)
+    return IterativeMI() if config.mode == "iterative" else OneShotMI()
+
+
+# ---- one step ----------------------------------------------------------------------------------------------------
+def receivers_for(job: Job, p: int, how: str) -> list[int]:
+    """Current indices of the blocks that receive block p: ``local`` = the partial group (the paper's G window),
+    ``global`` = the ``global_receivers`` blocks whose outputs are most similar to p's (scoring samples)."""
+    L = job.adapter.num_blocks
+    if how == "local":
+        return group_window(p, L, job.config.group_size)
+    cache = job.cache("score", job.calib_ids[: job.config.score_samples])
+    sims = output_similarity(cache, p, [i for i in range(L) if i != p])
+    return sorted(sorted(sims, key=sims.__getitem__, reverse=True)[: job.config.global_receivers])
+
+
+def fuse_step(job: Job, step: int, p: int, recv: list[int], sec: dict[str, float]) -> tuple[StepReport, list[int]]:
+    """Fuse current block ``p`` into the receiving blocks ``recv``, distill the group against its original output,
+    remove ``p``. Returns the step's report and the current indices (after the removal) of the changed blocks.
+
+    Divergence (a non-finite loss, or one past ``diverge_factor`` x the first step's) restores the group and
+    retries once at half the learning rates; if that diverges too, the step keeps plain removal (every fused term
+    is zero again) and the report says so.
+    """
+    cfg, ad, runner = job.config, job.adapter, job.runner
+    k, orig = job.num_removals, job.state.orig
+    tag = f"({step + 1}/{k})"
+    S = cfg.score_samples
+    span = list(range(min(recv[0], p), max(recv[-1], p) + 1))
+    g0 = span[0]
+    blocks, kinds = list(ad.blocks), ad.block_kinds()
+    with job.measure("teacher", sec):
+        x = job.cache("calib", job.calib_ids).get(g0)
+        y = runner.run([blocks[i] for i in span], [kinds[i] for i in span], x)
+    # the student runs the span without p; only the receivers get donors and train (local: span - p == recv)
+    student = [blocks[i] for i in span if i != p]
+    skinds = [kinds[i] for i in span if i != p]
+    receiving = [blocks[i] for i in recv]
+    inject_donor(ad, blocks[p], receiving, coef_kind=cfg.coef, coef_rank=cfg.coef_rank,
+                 lora_rank=0 if cfg.train == "full" else cfg.lora_rank, generator=job.generator)
+    before, mse_before = _group_losses(job, student, skinds, x[:S], y[:S], sec)
+    faults.point("train", step)
+    settings = TrainSettings(loss=cfg.loss, epochs=cfg.epochs, batch_size=cfg.batch_size, betas=tuple(cfg.betas),
+                             weight_decay=cfg.weight_decay, shuffle=cfg.shuffle, diverge_factor=cfg.diverge_factor)
+    groups = param_groups(receiving, cfg.train, cfg.coef_lr, cfg.lr)
+    desc = f"{tag} fusing block {orig[p]} into {orig[recv[0]]}..{orig[recv[-1]]}"
+    reasons: list[str] = []
+    with job.measure("train", sec, flops_factor=6.0):  # forward + backward (~2x forward)
+        res = train_group(runner, student, skinds, x, y, groups, settings, generator=job.generator, desc=desc)
+        if res.diverged:
+            reasons.append(res.reason or "diverged")
+            log.warning("%s %s: group restored; retrying at half the learning rates", tag, res.reason)
+            half = [ParamGroup(g.name, g.params, g.lr / 2) for g in groups]
+            res = train_group(runner, student, skinds, x, y, half, settings, generator=job.generator,
+                              desc=desc + " (retry, lr / 2)")
+            if res.diverged:
+                reasons.append(res.reason or "diverged")
+                log.warning("%s %s again: the step keeps plain removal of block %d", tag, res.reason, orig[p])
+    after, mse_after = _group_losses(job, student, skinds, x[:S], y[:S], sec)
+    if cfg.consolidate:
+        for block in receiving:
+            merge_fused_linears(block)
+    group_orig = [orig[i] for i in recv]
+    removed = job.remove_block(p, first_changed=g0)
+    changed = [i if i < p else i - 1 for i in recv]
+    rep = StepReport(
+        step=step, removed=removed, group=group_orig, loss_before=before, loss_after=after, mse_before=mse_before,
+        mse_after=mse_after, epoch_losses=res.epoch_losses, train_steps=res.steps, nonfinite=res.nonfinite,
+        restored=bool(reasons), retried=bool(reasons), fallback=len(reasons) == 2, divergence=reasons, seconds=sec,
+    )
+    log.info("%s removed block %d; group loss %.4g -> %.4g (%s)", tag, removed, before, after, cfg.loss)
+    return rep, changed
+
+
+def fuse_and_remove(job: Job, *, receivers: str, selection: Selection | None = None) -> list[StepReport]:
+    """The FuseGPT loop: choose a block (``selection``, from the config by default), fuse it into its receivers
+    (``local`` partial group or ``global``), distill, remove; from the job's next step (> 0 after a resume)."""
+    selection = selection or selection_for(job.config)
+    for step in range(job.next_step, job.num_removals):
+        sec: dict[str, float] = {}
+        p, scores = selection.choose(job, step, sec)
+        if scores is not None:
+            log.info("(%d/%d) MI: lowest %s", step + 1, job.num_removals,
+                     sorted(scores.items(), key=lambda kv: kv[1])[:3])
+        rep, changed = fuse_step(job, step, p, receivers_for(job, p, receivers), sec)
+        rep.scores = scores
+        job.finish_step(rep, changed)
+    return job.state.steps
 
 
 @register_method("fusegpt", kind="fuse", summary="FuseGPT: MI selection, learnable fusion into the local group")
@@ -75,91 +213,3 @@ def run_fusegpt_global(job: Job) -> list[StepReport]:
     outputs are most similar (mean token cosine, scoring samples) to its own output, anywhere in the network;
     distillation matches the original span from the first to the last of those blocks."""
     return fuse_and_remove(job, receivers="global")
-
-
-def fuse_and_remove(job: Job, *, receivers: str) -> list[StepReport]:
-    """The FuseGPT loop; ``receivers``: ``local`` (the partial group around the removed block) or ``global``."""
-    cfg, ad, runner = job.config, job.adapter, job.runner
-    k = job.num_removals
-    orig = list(range(ad.num_blocks))  # original index of every current block
-    S = cfg.score_samples
-    score_cache = ActivationCache(runner, job.calib_ids[:S])
-    cal_cache = ActivationCache(runner, job.calib_ids)
-    settings = TrainSettings(loss=cfg.loss, epochs=cfg.epochs, batch_size=cfg.batch_size, betas=tuple(cfg.betas),
-                             weight_decay=cfg.weight_decay, shuffle=cfg.shuffle)
-    lora_rank = 0 if cfg.train == "full" else cfg.lora_rank
-    plan: list[int] = []
-    steps: list[StepReport] = []
-    for step in range(k):
-        tag = f"({step + 1}/{k})"
-        sec: dict[str, float] = {}
-        rep_scores = None
-        # ---- score --------------------------------------------------------------------------------------------
-        if cfg.blocks is not None:
-            plan = list(cfg.blocks)
-        elif cfg.mode == "iterative" or step == 0:
-            t, m0 = time.perf_counter(), runner.macs
-            scores = macro_influence_scores(score_cache, desc=f"{tag} scoring")
-            job.flops["scoring"] += 2 * (runner.macs - m0)
-            sec["scoring"] = time.perf_counter() - t
-            rep_scores = {orig[i]: s for i, s in enumerate(scores)}
-            if cfg.mode == "oneshot":
-                plan = [orig[i] for i in sorted(range(len(scores)), key=scores.__getitem__)[:k]]
-            log.info("%s MI: lowest %s", tag, sorted(rep_scores.items(), key=lambda kv: kv[1])[:3])
-        if plan:
-            p = orig.index(plan[step])
-        else:
-            p = min(range(len(scores)), key=scores.__getitem__)
-        # ---- group and teacher --------------------------------------------------------------------------------
-        L = ad.num_blocks
-        if receivers == "local":
-            recv = group_window(p, L, cfg.group_size)
-        else:
-            sims = output_similarity(score_cache, p, [i for i in range(L) if i != p])
-            recv = sorted(sorted(sims, key=sims.__getitem__, reverse=True)[: cfg.global_receivers])
-        span = list(range(min(recv[0], p), max(recv[-1], p) + 1))
-        g0 = span[0]
-        blocks, kinds = list(ad.blocks), ad.block_kinds()
-        t, m0 = time.perf_counter(), runner.macs
-        x = cal_cache.get(g0)
-        y = runner.run([blocks[i] for i in span], [kinds[i] for i in span], x)
-        job.flops["teacher"] += 2 * (runner.macs - m0)
-        sec["teacher"] = time.perf_counter() - t
-        # ---- fuse and distill ---------------------------------------------------------------------------------
-        t = time.perf_counter()
-        # the student runs the span without p; only the receivers get donors and train (local: span - p == recv)
-        student = [blocks[i] for i in span if i != p]
-        skinds = [kinds[i] for i in span if i != p]
-        receiving = [blocks[i] for i in recv]
-        inject_donor(ad, blocks[p], receiving, coef_kind=cfg.coef, coef_rank=cfg.coef_rank, lora_rank=lora_rank,
-                     generator=job.generator)
-        before, mse_before = _group_losses(job, student, skinds, x[:S], y[:S])
-        m0 = runner.macs
-        desc = f"{tag} fusing block {orig[p]} into {orig[recv[0]]}..{orig[recv[-1]]}"
-        res = train_group(runner, student, skinds, x, y, param_groups(receiving, cfg.train, cfg.coef_lr, cfg.lr),
-                          settings, generator=job.generator, desc=desc)
-        job.flops["train"] += 3 * 2 * (runner.macs - m0)  # forward + backward (~2x forward)
-        after, mse_after = _group_losses(job, student, skinds, x[:S], y[:S])
-        if res.nonfinite:
-            log.warning("%s non-finite loss: training stopped and the group restored to its state before it", tag)
-        if cfg.consolidate:
-            for block in receiving:
-                merge_fused_linears(block)
-        sec["train"] = time.perf_counter() - t
-        group_orig = [orig[i] for i in recv]
-        # ---- remove -------------------------------------------------------------------------------------------
-        ad.remove_blocks([p])
-        removed = orig.pop(p)
-        score_cache.truncate(g0 + 1)
-        cal_cache.truncate(g0 + 1)
-        rep = StepReport(
-            step=step, removed=removed, scores=rep_scores, group=group_orig,
-            loss_before=before, loss_after=after, mse_before=mse_before, mse_after=mse_after,
-            epoch_losses=res.epoch_losses, train_steps=res.steps, nonfinite=res.nonfinite, restored=res.restored,
-            seconds=sec,
-        )
-        log.info("%s removed block %d; group loss %.4g -> %.4g (%s)", tag, removed, before, after, cfg.loss)
-        steps.append(rep)
-        if job.on_step is not None:
-            job.on_step(rep)
-    return steps

@@ -1,0 +1,163 @@
+"""Persisting a removal run after every finished step, and continuing it after a crash.
+
+A run folder (``OUT/.fusegpt-run`` for ``fusegpt compress``) holds:
+
+- ``settings.json``: the config, the model source's fingerprint, the calibration windows' hash; resuming with
+  anything else is refused, naming the difference;
+- ``blocks/b<orig>-s<step>.safetensors``: the state dict of every block whose weights a step changed (receivers:
+  plain linears after consolidation, else the fused layers with donors, coefficients and LoRA), with the
+  structure needed to rebuild it (:meth:`FusedLinear.spec`); written atomically before the step's record;
+- ``steps.jsonl``: one fsync'ed record per finished step: its report, the files of the blocks it changed, the
+  seeded generator's state and the FLOP counters.
+
+Resuming replays the removals on the freshly loaded model, rebuilds and loads every changed block, restores the
+generator, and the method continues at the next step. The activation caches are recomputed from the embeddings,
+which gives the same values (same blocks, same mini-batches), so a resumed run equals an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import base64
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from ..fusion import FusedLinear
+from ..runs import RecordLog, atomic_write_json, check_settings
+from .base import Job, StepReport
+
+log = logging.getLogger(__name__)
+
+__all__ = ["Checkpoint", "block_spec", "rebuild_block"]
+
+
+def block_spec(adapter, block: torch.nn.Module) -> dict[str, Any]:
+    """{linear name: None (plain) or its FusedLinear spec}."""
+    return {name: (lin.spec() if isinstance(lin, FusedLinear) else None)
+            for name, lin in adapter.block_linears(block).items()}
+
+
+def rebuild_block(adapter, block: torch.nn.Module, spec: dict[str, Any]) -> None:
+    """Give ``block`` the structure of ``spec`` (plain linears become FusedLinear with the recorded donors and
+    ranks; fused ones become plain), ready for ``load_state_dict``."""
+    for name, lin in adapter.block_linears(block).items():
+        want = spec.get(name)
+        base = lin.to_linear() if isinstance(lin, FusedLinear) else lin
+        new = base if want is None else FusedLinear.from_spec(base, want)
+        if new is not lin:
+            adapter.set_submodule(block, name, new)
+
+
+def _save_atomic(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    """safetensors file written to a temporary name, fsync'ed, renamed (never a half-written block file)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    save_file(tensors, tmp)
+    with open(tmp, "rb+") as fh:
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+_FLOAT_FIELDS = ("loss_before", "loss_after", "mse_before", "mse_after")
+
+
+def _report(data: dict[str, Any]) -> StepReport:
+    rep = StepReport(**data)
+    if rep.scores is not None:
+        rep.scores = {int(k): float(v) for k, v in rep.scores.items()}
+    for f in _FLOAT_FIELDS:  # JSON keeps nan/inf as strings
+        v = getattr(rep, f)
+        if isinstance(v, str):
+            setattr(rep, f, float(v))
+    rep.epoch_losses = [float(v) for v in rep.epoch_losses]
+    return rep
+
+
+def _generator_state(g: torch.Generator) -> str:
+    return base64.b64encode(g.get_state().numpy().tobytes()).decode()
+
+
+def _set_generator_state(g: torch.Generator, text: str) -> None:
+    g.set_state(torch.frombuffer(bytearray(base64.b64decode(text)), dtype=torch.uint8).clone())
+
+
+class Checkpoint:
+    """The run folder of one resumable removal run."""
+
+    def __init__(self, folder: str | os.PathLike) -> None:
+        self.folder = Path(folder)
+        self.log = RecordLog(self.folder / "steps.jsonl")
+
+    @property
+    def settings_path(self) -> Path:
+        return self.folder / "settings.json"
+
+    def exists(self) -> bool:
+        return self.settings_path.is_file()
+
+    def start(self, settings: dict[str, Any], *, resume: bool) -> None:
+        """A new run writes ``settings``; a resumed one must match them (RunMismatchError otherwise)."""
+        if resume and self.exists():
+            check_settings(self.settings_path, settings, what="run")
+            return
+        self.folder.mkdir(parents=True, exist_ok=True)
+        for f in (self.folder / "blocks").glob("*.safetensors") if (self.folder / "blocks").is_dir() else ():
+            f.unlink()
+        self.log.path.unlink(missing_ok=True)
+        atomic_write_json(self.settings_path, settings)
+
+    # ---- writing ----------------------------------------------------------------------------------------------
+    def save(self, job: Job, rep: StepReport, changed: list[int]) -> None:
+        blocks = list(job.adapter.blocks)
+        files: dict[str, dict[str, Any]] = {}
+        for cur in changed:
+            orig = job.state.orig[cur]
+            name = f"b{orig:04d}-s{rep.step:04d}.safetensors"
+            state = {k: v.detach().contiguous().cpu() for k, v in blocks[cur].state_dict().items()}
+            _save_atomic(state, self.folder / "blocks" / name)
+            files[str(orig)] = {"file": name, "spec": block_spec(job.adapter, blocks[cur])}
+        previous = self.log.read()
+        self.log.append({"step": rep.step, "report": rep, "blocks": files,
+                         "generator": _generator_state(job.generator), "flops": dict(job.flops)})
+        # files superseded by this step (same block, earlier step) are no longer needed
+        for rec in previous:
+            for orig, f in rec["blocks"].items():
+                if orig in files or int(orig) not in job.state.orig:
+                    (self.folder / "blocks" / f["file"]).unlink(missing_ok=True)
+
+    # ---- reading ----------------------------------------------------------------------------------------------
+    def restore(self, job: Job) -> int:
+        """Replay every recorded step on ``job``'s freshly loaded model; returns how many steps were restored."""
+        records = self.log.read()
+        if not records:
+            return 0
+        ad, state = job.adapter, job.state
+        latest: dict[int, dict[str, Any]] = {}
+        for rec in records:
+            rep = _report(rec["report"])
+            p = state.current(rep.removed)
+            ad.remove_blocks([p])
+            state.orig.pop(p)
+            state.steps.append(rep)
+            latest.update({int(k): v for k, v in rec["blocks"].items()})
+        blocks = list(ad.blocks)
+        for orig, f in latest.items():
+            if orig not in state.orig:
+                continue  # changed, then removed in a later step
+            block = blocks[state.current(orig)]
+            rebuild_block(ad, block, f["spec"])
+            values = load_file(self.folder / "blocks" / f["file"])
+            ref = block.state_dict()
+            values = {k: v.to(device=ref[k].device, dtype=ref[k].dtype) for k, v in values.items()}
+            block.load_state_dict(values, strict=True)
+        _set_generator_state(job.generator, records[-1]["generator"])
+        job.flops.update(records[-1]["flops"])
+        for cache in state.caches.values():
+            cache.truncate(1)
+        log.info("resumed after step %d of %d (removed %s)", len(records), job.num_removals,
+                 [s.removed for s in state.steps])
+        return len(records)
