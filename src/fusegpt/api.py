@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable
 
 import torch
@@ -21,7 +23,7 @@ from .device import (
     reset_peak_memory,
     resolve_device,
 )
-from .methods import Job, StepReport, get_method
+from .methods import Job, StepReport, get_method, method_info
 from .models import ModelInfo, inspect_model
 from .report import versions
 
@@ -50,6 +52,7 @@ class CompressReport:
     versions: dict[str, str] = field(default_factory=versions)
     source_model: str | None = None
     evaluation: dict[str, Any] = field(default_factory=dict)
+    resumed_after_step: int = 0  # steps restored from a checkpoint (0 = an uninterrupted run)
 
 
 def preflight(model_name: str, config: CompressConfig) -> ModelInfo:
@@ -83,11 +86,18 @@ def compress(
     calib_ids: torch.Tensor | None = None,
     on_step: Callable[[StepReport], None] | None = None,
     source_model: str | None = None,
+    checkpoint_dir: str | Path | None = None,
+    resume: bool = False,
+    source_fingerprint: str | None = None,
 ) -> CompressReport:
     """Compress ``model`` in place with ``config.method``; returns the report.
 
     Calibration windows come from ``calib_ids`` ([N, T]) or are sampled from ``config.calib`` with ``tokenizer``.
     Fused layers stay wrapped in the returned model until export (``fusegpt.export.export_model`` merges them).
+
+    ``checkpoint_dir``: persist the run after every finished step (resumable methods); with ``resume``, continue
+    the run recorded there (refused, naming the difference, when config, compute dtype, ``source_fingerprint``
+    or calibration windows differ).
     """
     adapter = get_adapter(model)
     L0 = adapter.num_blocks
@@ -112,6 +122,17 @@ def compress(
     k = num_removals(config, L0)
     job = Job(adapter=adapter, runner=runner, config=config, calib_ids=calib_ids[: config.nsamples],
               generator=torch.Generator().manual_seed(config.seed), num_removals=k, on_step=on_step)
+    resumed = 0
+    if checkpoint_dir is not None and method_info(config.method).resumable:
+        from .methods.checkpoint import Checkpoint
+
+        job.checkpoint = Checkpoint(checkpoint_dir)
+        settings = run_settings(config, job.calib_ids, L0, compute, source_fingerprint)
+        job.checkpoint.start(settings, resume=resume)
+        if resume:
+            resumed = job.checkpoint.restore(job)
+    elif resume:
+        log.warning("%s does not resume mid-run (it takes minutes, not hours): starting it again", config.method)
     reset_peak_memory(device)
     t0 = time.perf_counter()
     steps = get_method(config.method)(job)
@@ -125,8 +146,24 @@ def compress(
         params_after=_merged_param_count(model), seconds=seconds, compute_dtype=str(compute or torch.float32),
         flops={**job.flops, "total": total_flops}, matmul_peak_flops=peak,
         flops_fraction_of_peak=(total_flops / seconds / peak) if seconds > 0 else None,
-        peak_memory_bytes=peak_memory_bytes(device), source_model=source_model,
+        peak_memory_bytes=peak_memory_bytes(device), source_model=source_model, resumed_after_step=resumed,
     )
+
+
+def run_settings(config: CompressConfig, calib_ids: torch.Tensor, num_blocks: int, compute: torch.dtype | None,
+                 source_fingerprint: str | None) -> dict[str, Any]:
+    """What a resumed run must share with the run it continues: the config (less where it runs), the resolved
+    compute dtype, the model source and the calibration windows."""
+    from . import __version__
+
+    return {
+        "config": {k: v for k, v in config.to_dict().items() if k not in ("device", "offload_device")},
+        "compute_dtype": str(compute or torch.float32),
+        "model": source_fingerprint,
+        "num_blocks": num_blocks,
+        "calibration": hashlib.sha256(calib_ids.contiguous().numpy().tobytes()).hexdigest(),
+        "fusegpt": __version__,
+    }
 
 
 def _merged_param_count(model) -> int:

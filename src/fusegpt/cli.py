@@ -287,8 +287,8 @@ def cmd_compress(args: argparse.Namespace) -> int:
 
     cfg = config_from_args(args)
     command = "fusegpt " + " ".join(sys.argv[1:]) if args.command_line is None else args.command_line
-    rep = run_compression(args.model, cfg, args.out, overwrite=args.overwrite, evaluate=not args.no_eval,
-                          command=command)
+    rep = run_compression(args.model, cfg, args.out, overwrite=args.overwrite, resume=args.resume,
+                          evaluate=not args.no_eval, command=command)
     _print_compress_summary(rep, args.out)
     return 0
 
@@ -302,6 +302,12 @@ def _print_compress_summary(rep, out) -> None:
         [[rep.method, ",".join(map(str, rep.removed)), f"{rep.original_layers}->{rep.final_layers}",
           rep.params_after, ppl if ppl is not None else "-", round(rep.seconds, 1)]],
     ))
+    for s in rep.steps:
+        if s.retried:
+            what = "kept plain removal" if s.fallback else "retried at half the learning rates"
+            print(f"warning: step {s.step + 1} (block {s.removed}) diverged ({'; '.join(s.divergence)}): {what}")
+    if rep.resumed_after_step:
+        print(f"resumed after step {rep.resumed_after_step} of {len(rep.steps)}")
     print(f"wrote {out} (checkpoint, fusegpt_report.json, mi.png, loss.png)")
 
 
@@ -400,6 +406,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, required=True, help="output folder (must be empty unless --overwrite)")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out folder")
     p.add_argument("--no-eval", action="store_true", help="skip the WikiText-2 PPL of the result")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the interrupted run in --out after its last finished step (same model, config and "
+                        "calibration; refused, naming the difference, otherwise)")
     p.set_defaults(command_line=None)
     _add_config_flags(p)
     _add_common(p)

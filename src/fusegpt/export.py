@@ -9,10 +9,13 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
+
+import torch
 
 from .adapters import get_adapter
 from .fusion import merge_fused_linears
+from .fusion.linear import NonFiniteWeightError
 from .report import versions, write_json
 
 __all__ = ["OutputError", "OutputExistsError", "check_output_dir", "check_writable", "drop_blocks", "export_model"]
@@ -71,10 +74,16 @@ def export_model(
     *,
     metadata: dict[str, Any],
     overwrite: bool = False,
+    write_extra: Callable[[Path], None] | None = None,
 ) -> Path:
-    """Merge fused layers, then save model + tokenizer + ``fusegpt.json`` to ``out_dir`` atomically."""
+    """Merge fused layers, then save model + tokenizer + ``fusegpt.json`` (+ whatever ``write_extra(folder)``
+    writes: reports, plots) to ``out_dir`` atomically: the folder appears complete or not at all. A model with
+    non-finite weights is never written."""
     out = check_output_dir(out_dir, overwrite)
     merge_fused_linears(model)
+    bad = [n for n, p in model.named_parameters() if not torch.isfinite(p).all()]
+    if bad:
+        raise NonFiniteWeightError(f"refusing to export non-finite (NaN/inf) weights in {', '.join(bad[:5])}")
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
@@ -84,6 +93,8 @@ def export_model(
             tokenizer.save_pretrained(tmp)
         write_json(tmp / "fusegpt.json", {**metadata, "num_hidden_layers": model.config.num_hidden_layers,
                                           "versions": versions()})
+        if write_extra is not None:
+            write_extra(tmp)
         if out.exists():
             old = out.with_name(f".{out.name}.old-{os.getpid()}")
             os.replace(out, old)

@@ -23,7 +23,7 @@ log = logging.getLogger(__name__)
 
 __all__ = [
     "ModelSourceError", "LoadedModel", "ModelInfo", "resolve_source", "inspect_model", "load_model", "cache_dir",
-    "check_checkpoint_files", "check_finite", "ALIASES",
+    "check_checkpoint_files", "check_finite", "source_fingerprint", "ALIASES",
 ]
 
 
@@ -187,6 +187,17 @@ def inspect_model(name: str | os.PathLike) -> ModelInfo:
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
     return ModelInfo(src, config, tokenizer, int(text.num_hidden_layers),
                      getattr(text, "max_position_embeddings", None))
+
+
+def source_fingerprint(name: str | os.PathLike) -> str:
+    """Identity of a model source for resumed runs: name, size and modification time of its files (the full
+    content of small ones: config, tokenizer), without reading the weights."""
+    from .runs import file_fingerprint
+
+    src = resolve_source(name)
+    if src.kind == "gguf":
+        return file_fingerprint([src.path])
+    return file_fingerprint([p for p in src.path.iterdir() if p.is_file() and not p.name.startswith(".")])
 
 
 @torch.no_grad()

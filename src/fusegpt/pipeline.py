@@ -10,7 +10,7 @@ from typing import Any
 from .api import CompressReport, compress, preflight
 from .config import CompressConfig
 from .evaluate import evaluate_perplexity
-from .export import check_output_dir, export_model
+from .export import OutputExistsError, check_output_dir, check_writable, export_model
 from .plots import plot_losses, plot_scores
 from .report import write_json
 
@@ -42,23 +42,52 @@ def write_report(report: CompressReport, out: Path) -> None:
                     out / "loss.png", report.config.get("loss", "loss"))
 
 
+RUN_DIR = ".fusegpt-run"
+
+
+def _check_resume_dir(out: Path) -> None:
+    """--resume needs the run folder of an unfinished run in ``out``."""
+    run = out / RUN_DIR
+    if not (run / "settings.json").is_file():
+        if (out / "fusegpt_report.json").is_file():
+            raise OutputExistsError(f"the run in {str(out)!r} has finished already (fusegpt_report.json is there); "
+                                    "nothing to resume")
+        raise OutputExistsError(f"--resume: {str(out)!r} holds no unfinished run ({RUN_DIR}/settings.json); "
+                                "run without --resume to start one")
+    others = [p.name for p in out.iterdir() if p.name != RUN_DIR]
+    if others:
+        raise OutputExistsError(f"--resume: {str(out)!r} holds other files than the run folder ({', '.join(others)});"
+                                " choose the folder of the interrupted run")
+    check_writable(out)
+
+
 def run_compression(
     model_name: str,
     config: CompressConfig,
     out: str | Path,
     *,
     overwrite: bool = False,
+    resume: bool = False,
     evaluate: bool = True,
     eval_kwargs: dict[str, Any] | None = None,
     command: str | None = None,
 ) -> CompressReport:
-    """Load, compress, (evaluate the in-memory result), export to ``out`` with the report and plots."""
-    from .models import load_model
+    """Load, compress, (evaluate the in-memory result), export to ``out`` with the report and plots.
 
-    out = check_output_dir(out, overwrite)
+    The run is persisted in ``out/.fusegpt-run`` after every finished step; ``resume`` continues it there. The
+    export replaces that folder with the checkpoint, report and plots in one atomic rename.
+    """
+    from .models import load_model, source_fingerprint
+
+    out = Path(out)
+    if resume:
+        _check_resume_dir(out)
+    else:
+        check_output_dir(out, overwrite)
     preflight(model_name, config)  # every refusal happens here, before loading
     loaded = load_model(model_name)
-    report = compress(loaded.model, config, tokenizer=loaded.tokenizer, source_model=model_name)
+    report = compress(loaded.model, config, tokenizer=loaded.tokenizer, source_model=model_name,
+                      checkpoint_dir=out / RUN_DIR, resume=resume, source_fingerprint=source_fingerprint(model_name))
     if evaluate:
         res = evaluate_perplexity(loaded.model, loaded.tokenizer, desc="perplexity (compressed, in memory)",
                                   **(eval_kwargs or {}))
@@ -67,7 +96,11 @@ def run_compression(
     t = time.perf_counter()
     meta = {"method": config.method, "source_model": model_name, "removed": report.removed, "kept": report.kept,
             "original_num_hidden_layers": report.original_layers, "config": config.to_dict(), "command": command}
-    export_model(loaded.model, loaded.tokenizer, out, metadata=meta, overwrite=overwrite)
-    report.evaluation["export_seconds"] = time.perf_counter() - t
-    write_report(report, Path(out))
+
+    def write_extra(folder: Path) -> None:
+        report.evaluation["export_seconds"] = time.perf_counter() - t
+        write_report(report, folder)
+
+    # out holds only the run folder now (or old content the user allowed to be replaced)
+    export_model(loaded.model, loaded.tokenizer, out, metadata=meta, overwrite=True, write_extra=write_extra)
     return report

@@ -38,55 +38,42 @@ Scorer = Callable[[Job, ActivationCache, torch.Tensor, str], list[float]]
 def remove_plan(job: Job, plan: list[int], *, scores: dict[int, float] | None = None,
                 seconds: dict[str, float] | None = None, extra: dict | None = None) -> list[StepReport]:
     """Remove original blocks ``plan`` in order (no scoring); the first report carries ``scores``."""
-    ad = job.adapter
-    orig = list(range(ad.num_blocks))
-    steps = []
-    for step, b in enumerate(plan):
-        ad.remove_blocks([orig.index(b)])
-        orig.remove(b)
-        rep = StepReport(step=step, removed=b, scores=scores if step == 0 else None,
-                         seconds=(seconds or {}) if step == 0 else {}, extra=(extra or {}) if step == 0 else {})
-        steps.append(rep)
-        if job.on_step is not None:
-            job.on_step(rep)
-    return steps
+    for step in range(job.next_step, len(plan)):
+        removed = job.remove_block(job.state.current(plan[step]))
+        job.finish_step(StepReport(step=step, removed=removed, scores=scores if step == 0 else None,
+                                   seconds=(seconds or {}) if step == 0 else {},
+                                   extra=(extra or {}) if step == 0 else {}))
+    return job.state.steps
 
 
 def remove_by_scores(job: Job, scorer: Scorer, *, iterative: bool, name: str,
-                     before_remove: Callable[[int, list[int]], tuple[int, dict]] | None = None) -> list[StepReport]:
+                     before_remove: Callable[[int], tuple[int | None, dict]] | None = None) -> list[StepReport]:
     """Score (lower = less important), remove the lowest; re-score after every removal when ``iterative``.
 
-    ``before_remove(p, orig)`` (current index p; ``orig[i]`` = original index of current block i) may change the
-    model's weights before block p goes; it returns the first changed current block index and extra report
-    fields.
+    ``before_remove(p)`` (current index p) may change the model's weights before block p goes; it returns the
+    current index of the block it changed (or None) and extra report fields. Continues from the job's next step.
     """
-    ad, k = job.adapter, job.num_removals
+    k = job.num_removals
     ids = job.calib_ids[: job.config.score_samples]
-    cache = ActivationCache(job.runner, ids)
-    orig = list(range(ad.num_blocks))
-    steps: list[StepReport] = []
-    plan: list[int] = []
-    for step in range(k):
+    cache = job.cache("score", ids)
+    for step in range(job.next_step, k):
         rep_scores, sec = None, {}
         if iterative or step == 0:
-            t, m0 = time.perf_counter(), job.runner.macs
-            scores = scorer(job, cache, ids, f"({step + 1}/{k}) {name}")
-            job.flops["scoring"] += 2 * (job.runner.macs - m0)
-            sec["scoring"] = time.perf_counter() - t
-            rep_scores = {orig[i]: s for i, s in enumerate(scores)}
-            ranked = sorted(range(len(scores)), key=scores.__getitem__)
-            plan = [orig[i] for i in ranked[: k - step]]
-        p = orig.index(plan.pop(0))
-        first, extra = before_remove(p, orig) if before_remove is not None else (p, {})
-        ad.remove_blocks([p])
-        cache.truncate(min(first, p) + 1)
-        removed = orig.pop(p)
-        rep = StepReport(step=step, removed=removed, scores=rep_scores, seconds=sec, extra=extra)
+            with job.measure("scoring", sec):
+                scores = scorer(job, cache, ids, f"({step + 1}/{k}) {name}")
+            rep_scores = {job.state.orig[i]: s for i, s in enumerate(scores)}
+        # the plan of the last scoring: its k - r lowest blocks in order; steps since then took the first ones
+        r, last = next((i, s.scores) for i, s in reversed(list(enumerate(job.state.steps)))
+                       if s.scores is not None) if rep_scores is None else (step, rep_scores)
+        plan = sorted(last, key=last.get)[: k - r]
+        p = job.state.current(plan[step - r])
+        changed, extra = before_remove(p) if before_remove is not None else (None, {})
+        removed = job.remove_block(p, first_changed=changed)
+        kept_changed = [] if changed is None else [changed if changed < p else changed - 1]
         log.info("(%d/%d) %s removed block %d", step + 1, k, name, removed)
-        steps.append(rep)
-        if job.on_step is not None:
-            job.on_step(rep)
-    return steps
+        job.finish_step(StepReport(step=step, removed=removed, scores=rep_scores, seconds=sec, extra=extra),
+                        kept_changed)
+    return job.state.steps
 
 
 # ---- scorers (lower = remove first) ---------------------------------------------------------------------------

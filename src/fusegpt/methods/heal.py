@@ -61,7 +61,7 @@ def lora_heal(job: Job) -> dict:
             "restored": res.restored}
 
 
-@register_method("heal-lora", kind="heal", summary="a removal method followed by LoRA fine-tuning")
+@register_method("heal-lora", kind="heal", summary="a removal method followed by LoRA fine-tuning", resumable=False)
 def run_heal_lora(job: Job) -> list[StepReport]:
     base = job.config.heal_from
     if method_info(base).kind not in ("drop", "merge"):

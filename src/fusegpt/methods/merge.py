@@ -66,7 +66,8 @@ def _load(block: nn.Module, values: dict[str, torch.Tensor]) -> None:
         params[n].copy_(v)
 
 
-@register_method("laco", kind="merge", summary="LaCo layer collapse (RDSC merge, similarity threshold)")
+@register_method("laco", kind="merge", summary="LaCo layer collapse (RDSC merge, similarity threshold)",
+                 resumable=False)
 @torch.no_grad()
 def run_laco(job: Job) -> list[StepReport]:
     cfg, ad, runner = job.config, job.adapter, job.runner
@@ -123,11 +124,11 @@ def run_laco(job: Job) -> list[StepReport]:
 def run_merge_average(job: Job) -> list[StepReport]:
     ad = job.adapter
 
-    def before_remove(p: int, orig: list[int]) -> tuple[int, dict]:
+    def before_remove(p: int) -> tuple[int, dict]:
         n = p - 1 if p > 0 else p + 1
         blocks = list(ad.blocks)
         _load(blocks[n], merged_block_params([blocks[n], blocks[p]], "average"))
-        return n, {"merged_into": orig[n]}
+        return n, {"merged_into": job.state.orig[n]}
 
     return remove_by_scores(job, _mi, iterative=job.config.mode == "iterative", name="MI",
                             before_remove=before_remove)
