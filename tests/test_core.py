@@ -281,8 +281,8 @@ def test_cached_inputs_after_a_fusion_step_equal_recomputation():
 
     def spy(self, i):
         out = real_get(self, i)
-        fresh = real_get(ActivationCache(self.runner, ids[: self.entries[0].shape[0]]), i)
-        checked.append((self.entries[0].shape[0], i, torch.equal(out, fresh)))
+        fresh = real_get(ActivationCache(self.runner, ids[: self.shape[0]]), i)
+        checked.append((self.shape[0], i, torch.equal(out, fresh)))
         return out
 
     with um.patch.object(ActivationCache, "get", spy):
@@ -340,3 +340,49 @@ def test_score_plot_marks_every_removed_block_in_order(mode, tmp_path):
     marked = [m for _, _, ms in rows for m in ms]
     assert marked == [(1, rep.removed[0]), (2, rep.removed[1]), (3, rep.removed[2])]
     assert plot_scores(rows, 8, tmp_path / "mi.png").stat().st_size > 1000
+
+
+@pytest.mark.parametrize("max_resident,disk", [(3, False), (4, False), (5, True)])
+def test_bounded_cache_equals_unbounded_and_stays_bounded(max_resident, disk, tmp_path):
+    """Entries recomputed from checkpoints are bit-identical to a cache that keeps everything; at most
+    max_resident entries are ever held; on disk, the files go with truncate/close."""
+    model = tiny_model("llama", 10)
+    ad = get_adapter(model)
+    runner = Runner.for_model(ad, 16, device=CPU, batch_size=2)
+    ids = random_ids(3, 16)
+    full = ActivationCache(runner, ids)
+    small = ActivationCache(runner, ids, max_resident=max_resident, disk=tmp_path / "act" if disk else None)
+    for i in [10, 0, 1, 2, 7, 3, 9, 4, 5, 6, 8, 10, 2]:  # scoring's sweep, then random access
+        assert torch.equal(small.get(i), full.get(i)), i
+        assert small.resident <= max_resident
+    assert small.computed_blocks > 10  # it did recompute ...
+    ad.remove_blocks([4])
+    full.truncate(5)
+    small.truncate(5)
+    for i in [9, 3, 6]:  # ... and stays exact after a removal
+        assert torch.equal(small.get(i), full.get(i)), i
+    assert small.entry_bytes() == 3 * 16 * 64 * 4
+    small.close()
+    if disk:
+        assert list((tmp_path / "act").iterdir()) == []
+
+
+def test_cache_in_compute_dtype():
+    model = tiny_model("llama", 6)
+    runner = Runner.for_model(get_adapter(model), 16, device=CPU, batch_size=2, compute_dtype=torch.bfloat16)
+    cache = ActivationCache(runner, random_ids(2, 16), dtype=torch.bfloat16, max_resident=3)
+    assert cache.get(4).dtype == torch.bfloat16 and cache.entry_bytes() == 2 * 16 * 64 * 2
+
+
+@pytest.mark.parametrize("extra", [dict(cache_entries=3), dict(cache_entries=3, offload="disk")])
+def test_bounded_and_disk_caches_do_not_change_the_result(extra):
+    """The memory policy must not change the math: same blocks, bit-identical weights."""
+    ids = random_ids(8, 16)
+    runs = []
+    for kw in (dict(cache_entries=0), extra):
+        model = tiny_model("llama", 8)
+        rep = compress(model, _cfg(remove=2, mode="iterative", **kw), calib_ids=ids)
+        runs.append((rep.removed, {n: p.detach().clone() for n, p in model.named_parameters()}))
+    (r0, w0), (r1, w1) = runs
+    assert r0 == r1 and w0.keys() == w1.keys()
+    assert all(torch.equal(w0[n], w1[n]) for n in w0)

@@ -8,7 +8,10 @@ through :func:`run_blocks`.
 
 from __future__ import annotations
 
+import math
+import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable, Sequence
 
 import torch
@@ -121,33 +124,151 @@ class Runner:
         return self.run(blocks, kinds, hidden, keep_each=keep_each)
 
 
-class ActivationCache:
-    """Inputs of every block of the current model for a fixed set of sequences, filled lazily.
+class _DiskEntries:
+    """Entries as raw files in a work folder: written once, read back on demand (nothing stays mapped, so the
+    process's resident memory holds only the entries in use)."""
 
-    ``get(i)`` is the [N, T, H] input of current block i (``get(num_blocks)`` = the output of the last block);
-    entries are computed from the last valid one and kept on the runner's offload device. After blocks ``>= j``
-    change (fusion) or are removed, :meth:`truncate` (j + 1) keeps the still-valid prefix, so later calls reuse it.
+    def __init__(self, folder: Path) -> None:
+        self.folder = Path(folder)
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.meta: dict[int, tuple[torch.Size, torch.dtype]] = {}
+        self._uid = f"{os.getpid()}-{id(self):x}"
+
+    def _path(self, i: int) -> Path:
+        return self.folder / f"act-{self._uid}-{i}.bin"
+
+    def put(self, i: int, t: torch.Tensor) -> None:
+        t = t.detach().contiguous().cpu()
+        raw = t.view(torch.int16) if t.dtype in (torch.bfloat16, torch.float16) else t
+        raw.numpy().tofile(self._path(i))
+        self.meta[i] = (t.shape, t.dtype)
+
+    def get(self, i: int) -> torch.Tensor:
+        shape, dtype = self.meta[i]
+        return torch.from_file(str(self._path(i)), shared=False, size=shape.numel(), dtype=dtype).view(shape)
+
+    def drop(self, i: int) -> None:
+        self.meta.pop(i, None)
+        self._path(i).unlink(missing_ok=True)
+
+    def keys(self) -> list[int]:
+        return sorted(self.meta)
+
+    def close(self) -> None:
+        for i in list(self.meta):
+            self.drop(i)
+
+
+class _MemoryEntries:
+    def __init__(self) -> None:
+        self.data: dict[int, torch.Tensor] = {}
+
+    def put(self, i: int, t: torch.Tensor) -> None:
+        self.data[i] = t
+
+    def get(self, i: int) -> torch.Tensor:
+        return self.data[i]
+
+    def drop(self, i: int) -> None:
+        self.data.pop(i, None)
+
+    def keys(self) -> list[int]:
+        return sorted(self.data)
+
+    def close(self) -> None:
+        self.data.clear()
+
+
+class ActivationCache:
+    """Inputs of the blocks of the current model for a fixed set of sequences, filled lazily, memory-bounded.
+
+    ``get(i)`` is the [N, T, H] input of current block i (``get(num_blocks)`` = the output of the last block),
+    computed forward from the nearest kept entry before it. At most ``max_resident`` entries are kept (None = all):
+    the embeddings, checkpoints every k = ceil(L / (max_resident - 2)) blocks and the most recently computed
+    entry, so a sequential sweep (scoring) costs one block per entry and any other entry at most k - 1 blocks;
+    recomputing runs the same blocks on the same mini-batches, so values never depend on what was kept. The
+    memory of the cache is ``max_resident x N x T x H x bytes(dtype)``, whatever the model's depth.
+
+    ``dtype``: storage dtype (None = the embeddings' dtype; the compute dtype, e.g. bf16, halves it);
+    ``disk``: a work folder where entries live as files instead of memory (read back when used). After blocks
+    ``>= j`` change (fusion) or are removed, :meth:`truncate` (j + 1) keeps the still-valid entries.
     """
 
-    def __init__(self, runner: Runner, input_ids: torch.Tensor) -> None:
+    def __init__(self, runner: Runner, input_ids: torch.Tensor, *, max_resident: int | None = None,
+                 dtype: torch.dtype | None = None, disk: str | os.PathLike | None = None) -> None:
+        if max_resident is not None and max_resident < 3:
+            raise ValueError(f"an activation cache keeps at least 3 entries (embeddings, a checkpoint, the most "
+                             f"recent), got {max_resident}")
         self.runner = runner
-        self.entries: list[torch.Tensor] = [runner.embed(input_ids)]
+        self.max_resident = max_resident
+        self.store = _DiskEntries(Path(disk)) if disk is not None else _MemoryEntries()
+        first = runner.embed(input_ids)
+        self.dtype = dtype or first.dtype
+        self.shape = tuple(first.shape)
+        self.store.put(0, first.to(self.dtype))
+        self.recent: int | None = None  # index of the most recent non-checkpoint entry
+        self.computed_blocks = 0  # block forwards (over all sequences) run to fill entries
 
     @property
     def valid(self) -> int:
-        """How many leading entries are valid (inputs of blocks 0 .. valid-1)."""
-        return len(self.entries)
+        """1 + the highest index held (entries 0 .. valid - 1 are valid or recomputable without loss)."""
+        return max(self.store.keys()) + 1
+
+    @property
+    def resident(self) -> int:
+        return len(self.store.keys())
+
+    def entry_bytes(self) -> int:
+        n = 1
+        for d in self.shape:
+            n *= d
+        return n * torch.empty((), dtype=self.dtype).element_size()
+
+    def _every(self) -> int | None:
+        if self.max_resident is None:
+            return None
+        n = self.runner.adapter.num_blocks
+        return max(1, math.ceil(n / (self.max_resident - 2)))
+
+    def _keep(self, i: int) -> bool:
+        every = self._every()
+        return every is None or i == 0 or i % every == 0
 
     def get(self, i: int) -> torch.Tensor:
         n = self.runner.adapter.num_blocks
         if not 0 <= i <= n:
             raise IndexError(f"block input {i} out of range 0..{n}")
-        if i >= len(self.entries):
-            start = len(self.entries) - 1
-            outs = self.runner.run_model_blocks(self.entries[-1], start, i, keep_each=True)
-            self.entries.extend(outs)
-        return self.entries[i]
+        keys = self.store.keys()
+        if i in keys:
+            return self.store.get(i)
+        start = max(k for k in keys if k < i)
+        blocks = list(self.runner.adapter.blocks)
+        kinds = self.runner.adapter.block_kinds()
+        h = self.store.get(start)
+        for j in range(start, i):
+            h = self.runner.run([blocks[j]], [kinds[j]], h).to(self.dtype)
+            self.computed_blocks += 1
+            if j + 1 < i and self._keep(j + 1):
+                self.store.put(j + 1, h)
+        if not self._keep(i) and self.recent is not None and self.recent != i:
+            self.store.drop(self.recent)
+        if not self._keep(i):
+            self.recent = i
+        self.store.put(i, h)
+        return h
 
     def truncate(self, keep: int) -> None:
-        """Keep the first ``keep`` entries (at least the embeddings)."""
-        del self.entries[max(1, keep):]
+        """Drop the entries from index ``keep`` on (at least the embeddings stay)."""
+        for k in self.store.keys():
+            if k >= max(1, keep):
+                self.store.drop(k)
+        if self.recent is not None and self.recent >= max(1, keep):
+            self.recent = None
+        # checkpoint spacing follows the (smaller) depth: entries that are no longer checkpoints go
+        for k in self.store.keys():
+            if k != self.recent and not self._keep(k):
+                self.store.drop(k)
+
+    def close(self) -> None:
+        """Free every entry (and remove its files)."""
+        self.store.close()

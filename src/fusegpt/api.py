@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -135,7 +137,14 @@ def compress(
         log.warning("%s does not resume mid-run (it takes minutes, not hours): starting it again", config.method)
     reset_peak_memory(device)
     t0 = time.perf_counter()
-    steps = get_method(config.method)(job)
+    with contextlib.ExitStack() as stack:
+        if config.offload == "disk":
+            job.work_dir = Path(checkpoint_dir) if checkpoint_dir is not None else Path(
+                stack.enter_context(tempfile.TemporaryDirectory(prefix="fusegpt-work-")))
+        try:
+            steps = get_method(config.method)(job)
+        finally:
+            job.close()
     seconds = time.perf_counter() - t0
     removed = [s.removed for s in steps]
     kept = [i for i in range(L0) if i not in set(removed)]

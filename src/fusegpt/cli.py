@@ -166,10 +166,12 @@ def _choices(name: str) -> list[str]:
 
         return [m for m in method_names() if not (name == "--heal-from" and m == "heal-lora")]
     return {"--mode": list(c.MODES), "--train": list(c.TRAIN_MODES), "--loss": list(c.loss_names()),
-            "--coef": list(c.coef_kinds()), "--compute-dtype": list(c.COMPUTE)}[name]
+            "--coef": list(c.coef_kinds()), "--compute-dtype": list(c.COMPUTE), "--offload": list(c.OFFLOADS),
+            "--cache-dtype": ["auto", "fp32"]}[name]
 
 
-_CHOICE_FLAGS = ("--method", "--mode", "--train", "--loss", "--coef", "--compute-dtype", "--heal-from")
+_CHOICE_FLAGS = ("--method", "--mode", "--train", "--loss", "--coef", "--compute-dtype", "--heal-from", "--offload",
+                 "--cache-dtype")
 _CONFIG_FLAGS = [
     # (flag, type, help) -> CompressConfig field of the same name (dashes -> underscores); the flags of
     # _CHOICE_FLAGS list their accepted values in --help and refuse others
@@ -195,6 +197,9 @@ _CONFIG_FLAGS = [
     ("--calib", str, "calibration source: wikitext2-valid, wikitext103-valid, lambada-dev or a .txt/.jsonl path"),
     ("--seed", int, "seed of calibration sampling and initialisation"),
     ("--compute-dtype", str, "auto (bf16 only where measured faster), fp32, bf16 or fp16"),
+    ("--offload", str, "where cached activations wait: cpu (RAM, default) or disk (files in a work folder in --out)"),
+    ("--cache-entries", int, "activation-cache entries kept per cache, >= 3 (default 4; 0 = all, unbounded)"),
+    ("--cache-dtype", str, "storage dtype of cached activations: auto (= compute dtype, default) or fp32"),
     ("--laco-layers", int, "laco: consecutive layers merged into one (C, default 4)"),
     ("--laco-interval", int, "laco: layers skipped after an accepted merge (I, default 2)"),
     ("--laco-threshold", float, "laco: accept a merge while the hidden-state cosine stays above T (default 0.65)"),

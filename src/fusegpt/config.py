@@ -19,6 +19,7 @@ class ConfigError(ValueError):
 MODES = ("iterative", "oneshot")
 TRAIN_MODES = ("coef", "coef+lora", "full")
 COMPUTE = ("auto", "fp32", "bf16", "fp16")
+OFFLOADS = ("cpu", "disk")
 
 
 def loss_names() -> tuple[str, ...]:
@@ -86,6 +87,12 @@ class CompressConfig:
     compute_dtype: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     device: str = "auto"
     offload_device: str = "cpu"
+    # memory (docs/METHOD.md, "Memory"): ``disk`` keeps cached activations as files in a work folder inside --out
+    # instead of RAM; every activation cache keeps at most ``cache_entries`` [N, T, H] entries (>= 3; 0 = all:
+    # fastest, but grows with depth), stored in the compute dtype (``cache_dtype: auto``) or fp32
+    offload: Literal["cpu", "disk"] = "cpu"
+    cache_entries: int = 4
+    cache_dtype: Literal["auto", "fp32"] = "auto"
     preset: str | None = None
 
     # ------------------------------------------------------------------------------------------------------------
@@ -128,6 +135,11 @@ class CompressConfig:
         need(-1 <= self.laco_threshold <= 1, f"--laco-threshold must be a cosine in [-1, 1], got {self.laco_threshold}")
         need(self.global_receivers >= 1, f"--global-receivers must be >= 1, got {self.global_receivers}")
         need(self.heal_from not in ("heal-lora",), "--heal-from must name a removal method, not heal-lora")
+        need(self.offload in OFFLOADS, f"--offload must be one of {OFFLOADS}, got {self.offload!r}")
+        need(self.cache_entries == 0 or self.cache_entries >= 3,
+             f"--cache-entries must be 0 (keep all) or >= 3 (embeddings, a checkpoint, the latest), "
+             f"got {self.cache_entries}")
+        need(self.cache_dtype in ("auto", "fp32"), f"--cache-dtype must be auto or fp32, got {self.cache_dtype!r}")
         need(self.nsamples >= 1, f"--nsamples must be >= 1, got {self.nsamples}")
         need(self.seqlen >= 2, f"--seqlen must be >= 2, got {self.seqlen}")
         need(

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import torch
@@ -74,6 +75,7 @@ class Job:
     flops: dict[str, float] = field(default_factory=lambda: {"scoring": 0.0, "teacher": 0.0, "train": 0.0, "eval": 0.0})
     state: RunState | None = None
     checkpoint: Any = None  # a methods.checkpoint.Checkpoint when the run is resumable
+    work_dir: Path | None = None  # where activations live with offload = disk
 
     def __post_init__(self) -> None:
         if self.state is None:
@@ -91,8 +93,22 @@ class Job:
     def cache(self, name: str, input_ids: torch.Tensor) -> ActivationCache:
         """The activation cache ``name`` over ``input_ids``, kept across steps (created on first use)."""
         if name not in self.state.caches:
-            self.state.caches[name] = ActivationCache(self.runner, input_ids)
+            cfg, runner = self.config, self.runner
+            dtype = runner.compute_dtype if cfg.cache_dtype == "auto" and runner.compute_dtype else torch.float32
+            disk = None
+            if cfg.offload == "disk":
+                if self.work_dir is None:
+                    raise ValueError("offload = disk needs a work folder (Job.work_dir)")
+                disk = self.work_dir / "activations"
+            self.state.caches[name] = ActivationCache(runner, input_ids, max_resident=cfg.cache_entries or None,
+                                                      dtype=dtype, disk=disk)
         return self.state.caches[name]
+
+    def close(self) -> None:
+        """Free the activation caches (and their files)."""
+        for cache in self.state.caches.values():
+            cache.close()
+        self.state.caches.clear()
 
     def remove_block(self, p: int, *, first_changed: int | None = None) -> int:
         """Remove current block ``p``; every cache keeps its entries before the first changed block (``p`` or an

@@ -130,7 +130,7 @@ def run_random(job: Job) -> list[StepReport]:
 @register_method("angular", kind="drop", summary="Gromov et al. angular distance, best contiguous window")
 def run_angular(job: Job) -> list[StepReport]:
     n = job.num_removals
-    cache = ActivationCache(job.runner, job.calib_ids[: job.config.score_samples])
+    cache = job.cache("score", job.calib_ids[: job.config.score_samples])
     t = time.perf_counter()
     d = angular_window_distances(cache, n)
     start = min(range(len(d)), key=d.__getitem__)

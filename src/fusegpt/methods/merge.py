@@ -22,7 +22,6 @@ import time
 import torch
 from torch import nn
 
-from ..activations import ActivationCache
 from ..fusion import average_merge, rdsc_merge
 from ..scoring import macro_influence
 from .base import Job, StepReport, register_method
@@ -72,7 +71,7 @@ def _load(block: nn.Module, values: dict[str, torch.Tensor]) -> None:
 def run_laco(job: Job) -> list[StepReport]:
     cfg, ad, runner = job.config, job.adapter, job.runner
     k = job.num_removals
-    cache = ActivationCache(runner, job.calib_ids[: cfg.score_samples])
+    cache = job.cache("score", job.calib_ids[: cfg.score_samples])
     reference = cache.get(ad.num_blocks).clone()  # the original model's final hidden states
     orig = list(range(ad.num_blocks))
     threshold = cfg.laco_threshold
