@@ -386,3 +386,49 @@ def test_bounded_and_disk_caches_do_not_change_the_result(extra):
     (r0, w0), (r1, w1) = runs
     assert r0 == r1 and w0.keys() == w1.keys()
     assert all(torch.equal(w0[n], w1[n]) for n in w0)
+
+
+def test_gradient_checkpointing_does_not_change_the_result():
+    ids = random_ids(8, 16)
+    runs = []
+    for gc in ("off", "on"):
+        model = tiny_model("llama", 8)
+        rep = compress(model, _cfg(remove=1, grad_checkpoint=gc, consolidate=False), calib_ids=ids)
+        runs.append((rep, {n: p.detach().clone() for n, p in model.named_parameters()}))
+    (r0, w0), (r1, w1) = runs
+    assert r0.memory["predicted_over_baseline"]["grad_checkpoint"] is False
+    assert r1.memory["predicted_over_baseline"]["grad_checkpoint"] is True
+    assert r0.removed == r1.removed and r0.steps[0].epoch_losses == r1.steps[0].epoch_losses
+    assert all(torch.equal(w0[n], w1[n]) for n in w0)
+
+
+@pytest.mark.parametrize("train,coef", [("coef+lora", "lowrank"), ("coef", "vector"), ("full", "matrix")])
+def test_memory_formula_counts_the_trainable_parameters(train, coef):
+    """The formula's trainable-parameter count equals what distillation really trains."""
+    from fusegpt.fusion import inject_donor
+    from fusegpt.memory import trainable_params
+    from fusegpt.methods.fusegpt import param_groups
+
+    model = tiny_model("qwen2", 6)  # q/k/v biases
+    ad = get_adapter(model)
+    blocks = list(ad.blocks)
+    lins = [(m.out_features, m.in_features, m.bias is not None) for m in ad.block_linears(blocks[1]).values()]
+    norms = sum(p.numel() for n, p in blocks[1].named_parameters() if "norm" in n)
+    inject_donor(ad, blocks[0], blocks[1:4], coef_kind=coef, coef_rank=4, lora_rank=0 if train == "full" else 8)
+    real = sum(p.numel() for g in param_groups(blocks[1:4], train, 1e-2, 1e-4) for p in g.params)
+    assert 3 * trainable_params(lins, norms, coef=coef, coef_rank=4, lora_rank=8, train=train) == real
+
+
+def test_memory_formula_does_not_depend_on_depth():
+    from fusegpt.memory import estimate_memory
+
+    kw = dict(n=128, s=8, t=1024, hidden=576, intermediate=1536, group=7, batch=4, cache_entries=4, cache_bytes=4,
+              offload="cpu", trainable=18_000_000, receiver_linear_params=7 * 3_500_000)
+    est = estimate_memory(**kw, grad_checkpoint=False)
+    assert est.cache == 4 * (128 + 8) * 1024 * 576 * 4  # R x (N + S) x T x H x bytes
+    assert est.group == 128 * 1024 * 576 * 4
+    assert est.activations_per_token_block == (9 * 576 + 4 * 1536) * 4
+    on = estimate_memory(**kw, grad_checkpoint=True)
+    assert on.training < est.training and on.cache == est.cache
+    disk = estimate_memory(**{**kw, "offload": "disk"}, grad_checkpoint=True)
+    assert disk.cache == 128 * 1024 * 576 * 4 < on.cache

@@ -12,9 +12,10 @@ import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Sequence
 
 import torch
+import torch.utils.checkpoint
 from torch import nn
 
 from .adapters import Adapter, BlockContext
@@ -37,6 +38,7 @@ class Runner:
     offload: torch.device
     batch_size: int = 8
     compute_dtype: torch.dtype | None = None
+    grad_checkpoint: bool = False  # recompute each block's forward in backward (see forward_blocks)
     macs: float = 0.0  # forward multiply-accumulates run so far (block linears + attention)
 
     def _count(self, block: nn.Module, hidden: torch.Tensor) -> None:
@@ -72,11 +74,19 @@ class Runner:
     def forward_blocks(
         self, blocks: Sequence[nn.Module], kinds: Sequence[str], hidden: torch.Tensor
     ) -> torch.Tensor:
-        """Differentiable: one mini-batch [B, T, H] (on the compute device) through ``blocks`` in order."""
+        """Differentiable: one mini-batch [B, T, H] (on the compute device) through ``blocks`` in order.
+
+        With ``grad_checkpoint`` and gradients on, each block keeps only its input for the backward pass and runs
+        its forward again there (activation memory of one block instead of all; the same arithmetic)."""
+        ckpt = self.grad_checkpoint and torch.is_grad_enabled()
         with autocast(self.device, self.compute_dtype):
             for block, kind in zip(blocks, kinds, strict=True):
                 self._count(block, hidden)
-                hidden = self.adapter.call_block(block, hidden, self.ctx, kind)
+                if ckpt:
+                    hidden = torch.utils.checkpoint.checkpoint(
+                        self.adapter.call_block, block, hidden, self.ctx, kind, use_reentrant=False)
+                else:
+                    hidden = self.adapter.call_block(block, hidden, self.ctx, kind)
         return hidden
 
     @torch.no_grad()
@@ -85,43 +95,28 @@ class Runner:
         blocks: Sequence[nn.Module],
         kinds: Sequence[str],
         hidden: torch.Tensor,
-        *,
-        keep_each: bool = False,
-        on_block: Callable[[int, torch.Tensor], None] | None = None,
-    ) -> torch.Tensor | list[torch.Tensor]:
-        """Run ``blocks`` on [N, T, H] cached hidden states, block by block over all samples.
+    ) -> torch.Tensor:
+        """Run ``blocks`` on [N, T, H] hidden states, one mini-batch at a time through all of them.
 
-        Returns the final [N, T, H] output (offload device, input dtype), or with ``keep_each`` the list of every
-        block's output. ``on_block(i, out)`` is called after block i.
+        Returns the final [N, T, H] output (offload device, input dtype); memory: the output plus one mini-batch.
         """
         if len(blocks) != len(kinds):
             raise ValueError("blocks and kinds differ in length")
-        outs: list[torch.Tensor] = []
-        current = hidden
-        for i, (block, kind) in enumerate(zip(blocks, kinds)):
-            nxt = torch.empty_like(current, device=self.offload)
-            for s in range(0, current.shape[0], self.batch_size):
-                h = current[s : s + self.batch_size].to(self.device)
+        out = torch.empty_like(hidden, device=self.offload)
+        for s in range(0, hidden.shape[0], self.batch_size):
+            h = hidden[s : s + self.batch_size].to(self.device)
+            for block, kind in zip(blocks, kinds):
                 self._count(block, h)
                 with autocast(self.device, self.compute_dtype):
-                    out = self.adapter.call_block(block, h, self.ctx, kind)
-                nxt[s : s + self.batch_size] = out.to(device=self.offload, dtype=nxt.dtype)
-            current = nxt
-            if keep_each:
-                outs.append(current)
-            if on_block is not None:
-                on_block(i, current)
-        return outs if keep_each else current
+                    h = self.adapter.call_block(block, h, self.ctx, kind)
+            out[s : s + self.batch_size] = h.to(device=self.offload, dtype=out.dtype)
+        return out
 
-    def run_model_blocks(
-        self, hidden: torch.Tensor, start: int = 0, stop: int | None = None, *, keep_each: bool = False
-    ) -> torch.Tensor | list[torch.Tensor]:
+    def run_model_blocks(self, hidden: torch.Tensor, start: int = 0, stop: int | None = None) -> torch.Tensor:
         """Run the model's own blocks ``start:stop`` (current indices)."""
         blocks = list(self.adapter.blocks)[start:stop]
         kinds = self.adapter.block_kinds()[start:stop]
-        if not blocks:
-            return [] if keep_each else hidden
-        return self.run(blocks, kinds, hidden, keep_each=keep_each)
+        return self.run(blocks, kinds, hidden) if blocks else hidden
 
 
 class _DiskEntries:
@@ -184,8 +179,9 @@ class ActivationCache:
 
     ``get(i)`` is the [N, T, H] input of current block i (``get(num_blocks)`` = the output of the last block),
     computed forward from the nearest kept entry before it. At most ``max_resident`` entries are kept (None = all):
-    the embeddings, checkpoints every k = ceil(L / (max_resident - 2)) blocks and the most recently computed
-    entry, so a sequential sweep (scoring) costs one block per entry and any other entry at most k - 1 blocks;
+    checkpoints every k = ceil(L / (max_resident - 1)) blocks and the most recently computed entry (the embeddings
+    are recomputed from the token ids when needed), so a sequential sweep (scoring) costs one block per entry and
+    any other entry at most k - 1 blocks;
     recomputing runs the same blocks on the same mini-batches, so values never depend on what was kept. The
     memory of the cache is ``max_resident x N x T x H x bytes(dtype)``, whatever the model's depth.
 
@@ -201,18 +197,21 @@ class ActivationCache:
                              f"recent), got {max_resident}")
         self.runner = runner
         self.max_resident = max_resident
+        self.input_ids = input_ids
         self.store = _DiskEntries(Path(disk)) if disk is not None else _MemoryEntries()
         first = runner.embed(input_ids)
         self.dtype = dtype or first.dtype
         self.shape = tuple(first.shape)
-        self.store.put(0, first.to(self.dtype))
+        if max_resident is None:  # bounded caches recompute the embeddings when needed (cheap)
+            self.store.put(0, first.to(self.dtype))
+        del first
         self.recent: int | None = None  # index of the most recent non-checkpoint entry
         self.computed_blocks = 0  # block forwards (over all sequences) run to fill entries
 
     @property
     def valid(self) -> int:
         """1 + the highest index held (entries 0 .. valid - 1 are valid or recomputable without loss)."""
-        return max(self.store.keys()) + 1
+        return max(self.store.keys(), default=0) + 1
 
     @property
     def resident(self) -> int:
@@ -228,11 +227,19 @@ class ActivationCache:
         if self.max_resident is None:
             return None
         n = self.runner.adapter.num_blocks
-        return max(1, math.ceil(n / (self.max_resident - 2)))
+        return max(1, math.ceil(n / (self.max_resident - 1)))
 
     def _keep(self, i: int) -> bool:
+        """Is entry i a checkpoint (kept until truncated)? Unbounded: every entry; bounded: multiples of k > 0."""
         every = self._every()
-        return every is None or i == 0 or i % every == 0
+        return every is None or (i > 0 and i % every == 0)
+
+    def _load(self, i: int) -> torch.Tensor:
+        if i in self.store.keys():
+            return self.store.get(i)
+        if i != 0:
+            raise KeyError(i)
+        return self.runner.embed(self.input_ids).to(self.dtype)
 
     def get(self, i: int) -> torch.Tensor:
         n = self.runner.adapter.num_blocks
@@ -241,10 +248,10 @@ class ActivationCache:
         keys = self.store.keys()
         if i in keys:
             return self.store.get(i)
-        start = max(k for k in keys if k < i)
+        start = max((k for k in keys if k < i), default=0)
         blocks = list(self.runner.adapter.blocks)
         kinds = self.runner.adapter.block_kinds()
-        h = self.store.get(start)
+        h = self._load(start)
         for j in range(start, i):
             h = self.runner.run([blocks[j]], [kinds[j]], h).to(self.dtype)
             self.computed_blocks += 1

@@ -20,11 +20,13 @@ from .data import check_window_count, load_text, sample_windows, tokenize_text
 from .device import (
     auto_dtype_override,
     choose_compute_dtype,
+    current_rss_bytes,
     matmul_flops_per_second,
     peak_memory_bytes,
     reset_peak_memory,
     resolve_device,
 )
+from .memory import AUTO_CHECKPOINT_BYTES, MemoryEstimate, estimate_memory, trainable_params
 from .methods import Job, StepReport, get_method, method_info
 from .models import ModelInfo, inspect_model
 from .report import versions
@@ -55,6 +57,9 @@ class CompressReport:
     source_model: str | None = None
     evaluation: dict[str, Any] = field(default_factory=dict)
     resumed_after_step: int = 0  # steps restored from a checkpoint (0 = an uninterrupted run)
+    # baseline RSS at the start of compress, the formula's prediction over it (fusegpt.memory), the measured peak
+    # (process peak RSS on the CPU, allocator peak on a GPU)
+    memory: dict[str, Any] = field(default_factory=dict)
 
 
 def preflight(model_name: str, config: CompressConfig) -> ModelInfo:
@@ -122,6 +127,9 @@ def compress(
                               batch_size=config.batch_size, compute_dtype=compute)
     params_before = sum(p.numel() for p in model.parameters())
     k = num_removals(config, L0)
+    plan = _memory_plan(adapter, config, compute)
+    runner.grad_checkpoint = plan.grad_checkpoint
+    baseline = current_rss_bytes()
     job = Job(adapter=adapter, runner=runner, config=config, calib_ids=calib_ids[: config.nsamples],
               generator=torch.Generator().manual_seed(config.seed), num_removals=k, on_step=on_step)
     resumed = 0
@@ -156,7 +164,36 @@ def compress(
         flops={**job.flops, "total": total_flops}, matmul_peak_flops=peak,
         flops_fraction_of_peak=(total_flops / seconds / peak) if seconds > 0 else None,
         peak_memory_bytes=peak_memory_bytes(device), source_model=source_model, resumed_after_step=resumed,
+        memory={"baseline_rss_bytes": baseline, "predicted_over_baseline": plan.to_dict(),
+                "predicted_peak_bytes": baseline + plan.total, "measured_peak_bytes": peak_memory_bytes(device),
+                "device": str(device)},
     )
+
+
+def _memory_plan(adapter, config: CompressConfig, compute: torch.dtype | None) -> MemoryEstimate:
+    """The memory formula (fusegpt.memory) for this model and config; decides --grad-checkpoint auto."""
+    block = adapter.blocks[0]
+    lins = [(m.out_features, m.in_features, m.bias is not None) for m in adapter.block_linears(block).values()]
+    norms = sum(p.numel() for n, p in block.named_parameters() if "norm" in n)
+    g = config.group_size if config.method != "fusegpt-global" else config.global_receivers
+    cache_dtype = compute if config.cache_dtype == "auto" and compute is not None else torch.float32
+    text = adapter.config.get_text_config() if hasattr(adapter.config, "get_text_config") else adapter.config
+    kw = dict(n=config.nsamples, s=config.score_samples, t=config.seqlen, hidden=text.hidden_size,
+              intermediate=getattr(text, "intermediate_size", 4 * text.hidden_size), group=g,
+              batch=config.batch_size, cache_entries=config.cache_entries or None,
+              cache_bytes=torch.empty((), dtype=cache_dtype).element_size(), offload=config.offload,
+              trainable=g * trainable_params(lins, norms, coef=config.coef, coef_rank=config.coef_rank,
+                                             lora_rank=config.lora_rank, train=config.train),
+              receiver_linear_params=g * sum(o * i for o, i, _ in lins))
+    off = estimate_memory(**kw, grad_checkpoint=False)
+    on = config.grad_checkpoint == "on" or (
+        config.grad_checkpoint == "auto"
+        and g * config.batch_size * config.seqlen * off.activations_per_token_block > AUTO_CHECKPOINT_BYTES)
+    plan = estimate_memory(**kw, grad_checkpoint=on) if on else off
+    log.info("memory plan: %.2f GiB over the baseline (cache %.2f, group %.2f, training %.2f); gradient "
+             "checkpointing %s", plan.total / 2**30, plan.cache / 2**30, plan.group / 2**30, plan.training / 2**30,
+             "on" if on else "off")
+    return plan
 
 
 def run_settings(config: CompressConfig, calib_ids: torch.Tensor, num_blocks: int, compute: torch.dtype | None,

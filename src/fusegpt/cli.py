@@ -167,11 +167,11 @@ def _choices(name: str) -> list[str]:
         return [m for m in method_names() if not (name == "--heal-from" and m == "heal-lora")]
     return {"--mode": list(c.MODES), "--train": list(c.TRAIN_MODES), "--loss": list(c.loss_names()),
             "--coef": list(c.coef_kinds()), "--compute-dtype": list(c.COMPUTE), "--offload": list(c.OFFLOADS),
-            "--cache-dtype": ["auto", "fp32"]}[name]
+            "--cache-dtype": ["auto", "fp32"], "--grad-checkpoint": ["auto", "on", "off"]}[name]
 
 
 _CHOICE_FLAGS = ("--method", "--mode", "--train", "--loss", "--coef", "--compute-dtype", "--heal-from", "--offload",
-                 "--cache-dtype")
+                 "--cache-dtype", "--grad-checkpoint")
 _CONFIG_FLAGS = [
     # (flag, type, help) -> CompressConfig field of the same name (dashes -> underscores); the flags of
     # _CHOICE_FLAGS list their accepted values in --help and refuse others
@@ -200,6 +200,8 @@ _CONFIG_FLAGS = [
     ("--offload", str, "where cached activations wait: cpu (RAM, default) or disk (files in a work folder in --out)"),
     ("--cache-entries", int, "activation-cache entries kept per cache, >= 3 (default 4; 0 = all, unbounded)"),
     ("--cache-dtype", str, "storage dtype of cached activations: auto (= compute dtype, default) or fp32"),
+    ("--grad-checkpoint", str, "recompute block forwards in backward: auto (on when the group's activations would "
+                               "exceed 1 GiB), on or off"),
     ("--laco-layers", int, "laco: consecutive layers merged into one (C, default 4)"),
     ("--laco-interval", int, "laco: layers skipped after an accepted merge (I, default 2)"),
     ("--laco-threshold", float, "laco: accept a merge while the hidden-state cosine stays above T (default 0.65)"),

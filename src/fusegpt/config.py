@@ -93,6 +93,9 @@ class CompressConfig:
     offload: Literal["cpu", "disk"] = "cpu"
     cache_entries: int = 4
     cache_dtype: Literal["auto", "fp32"] = "auto"
+    # recompute each student block's forward in backward: on, off, or auto (on when the group's autograd
+    # activations would exceed 1 GiB; same arithmetic, ~1 extra forward per step)
+    grad_checkpoint: Literal["auto", "on", "off"] = "auto"
     preset: str | None = None
 
     # ------------------------------------------------------------------------------------------------------------
@@ -140,6 +143,8 @@ class CompressConfig:
              f"--cache-entries must be 0 (keep all) or >= 3 (embeddings, a checkpoint, the latest), "
              f"got {self.cache_entries}")
         need(self.cache_dtype in ("auto", "fp32"), f"--cache-dtype must be auto or fp32, got {self.cache_dtype!r}")
+        need(self.grad_checkpoint in ("auto", "on", "off"),
+             f"--grad-checkpoint must be auto, on or off, got {self.grad_checkpoint!r}")
         need(self.nsamples >= 1, f"--nsamples must be >= 1, got {self.nsamples}")
         need(self.seqlen >= 2, f"--seqlen must be >= 2, got {self.seqlen}")
         need(

@@ -15,6 +15,7 @@ __all__ = [
     "set_threads",
     "peak_memory_bytes",
     "reset_peak_memory",
+    "current_rss_bytes",
     "parse_dtype",
     "choose_compute_dtype",
     "AUTO_DTYPE_ENV",
@@ -85,6 +86,15 @@ def set_threads(n: int | None) -> None:
         raise ValueError(f"--threads must be >= 1, got {n}")
     torch.set_num_threads(n)
     os.environ.setdefault("OMP_NUM_THREADS", str(n))
+
+
+def current_rss_bytes() -> int:
+    """Resident memory of this process now (Linux /proc; 0 where unavailable)."""
+    try:
+        with open("/proc/self/statm") as fh:
+            return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return 0
 
 
 def reset_peak_memory(device: torch.device) -> None:
