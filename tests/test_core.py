@@ -422,7 +422,8 @@ def test_memory_formula_counts_the_trainable_parameters(train, coef):
 def test_memory_formula_does_not_depend_on_depth():
     from fusegpt.memory import estimate_memory
 
-    kw = dict(n=128, s=8, t=1024, hidden=576, intermediate=1536, group=7, batch=4, cache_entries=4, cache_bytes=4,
+    kw = dict(n=128, s=8, t=1024, hidden=576, intermediate=1536, heads=9, group=7, batch=4, cache_entries=4,
+              cache_bytes=4,
               offload="cpu", trainable=18_000_000, receiver_linear_params=7 * 3_500_000)
     est = estimate_memory(**kw, grad_checkpoint=False)
     assert est.cache == 4 * (128 + 8) * 1024 * 576 * 4  # R x (N + S) x T x H x bytes

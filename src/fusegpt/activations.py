@@ -8,11 +8,12 @@ through :func:`run_blocks`.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 import torch
 import torch.utils.checkpoint
@@ -40,6 +41,14 @@ class Runner:
     compute_dtype: torch.dtype | None = None
     grad_checkpoint: bool = False  # recompute each block's forward in backward (see forward_blocks)
     macs: float = 0.0  # forward multiply-accumulates run so far (block linears + attention)
+    store: Any = None  # an offload.BlockStore when blocks live off the compute device (loaded while used)
+
+    def resident(self, blocks: Sequence[nn.Module], *, save: Sequence[nn.Module] = ()):
+        """Context in which ``blocks`` are on the compute device (a no-op for a model held there whole);
+        ``save`` = blocks changed inside it, persisted on the way out."""
+        if self.store is None:
+            return contextlib.nullcontext()
+        return self.store.resident(blocks, save=save)
 
     def _count(self, block: nn.Module, hidden: torch.Tensor) -> None:
         self.macs += hidden.shape[0] * hidden.shape[1] * self.adapter.block_macs_per_token(block, hidden.shape[1])
@@ -79,7 +88,7 @@ class Runner:
         With ``grad_checkpoint`` and gradients on, each block keeps only its input for the backward pass and runs
         its forward again there (activation memory of one block instead of all; the same arithmetic)."""
         ckpt = self.grad_checkpoint and torch.is_grad_enabled()
-        with autocast(self.device, self.compute_dtype):
+        with self.resident(blocks), autocast(self.device, self.compute_dtype):
             for block, kind in zip(blocks, kinds, strict=True):
                 self._count(block, hidden)
                 if ckpt:
@@ -102,7 +111,17 @@ class Runner:
         """
         if len(blocks) != len(kinds):
             raise ValueError("blocks and kinds differ in length")
+        if self.store is not None and len(blocks) > 1 and not all(_materialized(b) for b in blocks):
+            # offloaded blocks: one block at a time over all sequences, so only that block is loaded
+            for block, kind in zip(blocks, kinds):
+                hidden = self.run([block], [kind], hidden)
+            return hidden
         out = torch.empty_like(hidden, device=self.offload)
+        with self.resident(blocks):
+            self._run_batches(blocks, kinds, hidden, out)
+        return out
+
+    def _run_batches(self, blocks, kinds, hidden: torch.Tensor, out: torch.Tensor) -> None:
         for s in range(0, hidden.shape[0], self.batch_size):
             h = hidden[s : s + self.batch_size].to(self.device)
             for block, kind in zip(blocks, kinds):
@@ -110,13 +129,16 @@ class Runner:
                 with autocast(self.device, self.compute_dtype):
                     h = self.adapter.call_block(block, h, self.ctx, kind)
             out[s : s + self.batch_size] = h.to(device=self.offload, dtype=out.dtype)
-        return out
 
     def run_model_blocks(self, hidden: torch.Tensor, start: int = 0, stop: int | None = None) -> torch.Tensor:
         """Run the model's own blocks ``start:stop`` (current indices)."""
         blocks = list(self.adapter.blocks)[start:stop]
         kinds = self.adapter.block_kinds()[start:stop]
         return self.run(blocks, kinds, hidden) if blocks else hidden
+
+
+def _materialized(module: nn.Module) -> bool:
+    return not any(p.is_meta for p in module.parameters())
 
 
 class _DiskEntries:

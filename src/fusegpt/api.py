@@ -15,7 +15,7 @@ import torch
 
 from .activations import Runner
 from .adapters import check_supported, get_adapter
-from .config import CompressConfig, num_removals
+from .config import CompressConfig, ConfigError, num_removals
 from .data import check_window_count, load_text, sample_windows, tokenize_text
 from .device import (
     auto_dtype_override,
@@ -73,6 +73,12 @@ def preflight(model_name: str, config: CompressConfig) -> ModelInfo:
     get_method(config.method)
     if config.method == "heal-lora":
         get_method(config.heal_from)
+    if config.offload == "disk" and not method_info(config.method).streams:
+        from .methods import method_names
+
+        ok = [m for m in method_names() if method_info(m).streams]
+        raise ConfigError(f"--offload disk streams blocks from the checkpoint; {config.method} reads or changes "
+                          f"weights outside the loaded blocks: use --offload cpu, or one of {', '.join(ok)}")
     config.validate(info.num_blocks, info.max_positions)
     ids = tokenize_text(info.tokenizer, load_text(config.calib))
     check_window_count(ids.numel(), config.nsamples, config.seqlen, f"calibration source {config.calib!r}")
@@ -96,6 +102,7 @@ def compress(
     checkpoint_dir: str | Path | None = None,
     resume: bool = False,
     source_fingerprint: str | None = None,
+    store=None,
 ) -> CompressReport:
     """Compress ``model`` in place with ``config.method``; returns the report.
 
@@ -104,7 +111,8 @@ def compress(
 
     ``checkpoint_dir``: persist the run after every finished step (resumable methods); with ``resume``, continue
     the run recorded there (refused, naming the difference, when config, compute dtype, ``source_fingerprint``
-    or calibration windows differ).
+    or calibration windows differ). ``store``: the :class:`fusegpt.offload.BlockStore` of a model loaded with its
+    blocks on disk (``load_model(..., blocks_on_disk=True)``); blocks are then loaded only while used.
     """
     adapter = get_adapter(model)
     L0 = adapter.num_blocks
@@ -116,7 +124,13 @@ def compress(
     if calib_ids.shape[0] < config.nsamples or calib_ids.shape[1] != config.seqlen:
         raise ValueError(f"calib_ids must be [>= {config.nsamples}, {config.seqlen}], got {tuple(calib_ids.shape)}")
     device = resolve_device(config.device)
-    model.to(device)
+    offloaded = any(p.is_meta for p in model.parameters())
+    if offloaded and store is None:
+        raise ValueError("the model's blocks are on the meta device: pass the BlockStore they stream from (store=)")
+    if offloaded:
+        _move_materialized(model, device)
+    else:
+        model.to(device)
     model.eval()
     for p in model.parameters():
         p.requires_grad_(False)
@@ -129,9 +143,11 @@ def compress(
     k = num_removals(config, L0)
     plan = _memory_plan(adapter, config, compute)
     runner.grad_checkpoint = plan.grad_checkpoint
+    runner.store = store
     baseline = current_rss_bytes()
     job = Job(adapter=adapter, runner=runner, config=config, calib_ids=calib_ids[: config.nsamples],
-              generator=torch.Generator().manual_seed(config.seed), num_removals=k, on_step=on_step)
+              generator=torch.Generator().manual_seed(config.seed), num_removals=k, on_step=on_step,
+              memory_plan=plan)
     resumed = 0
     if checkpoint_dir is not None and method_info(config.method).resumable:
         from .methods.checkpoint import Checkpoint
@@ -164,10 +180,23 @@ def compress(
         flops={**job.flops, "total": total_flops}, matmul_peak_flops=peak,
         flops_fraction_of_peak=(total_flops / seconds / peak) if seconds > 0 else None,
         peak_memory_bytes=peak_memory_bytes(device), source_model=source_model, resumed_after_step=resumed,
-        memory={"baseline_rss_bytes": baseline, "predicted_over_baseline": plan.to_dict(),
-                "predicted_peak_bytes": baseline + plan.total, "measured_peak_bytes": peak_memory_bytes(device),
+        memory={"baseline_rss_bytes": baseline, "bound_over_baseline": plan.to_dict(),
+                "predicted_over_baseline": job.memory_predicted or plan.to_dict(),
+                "predicted_peak_bytes": baseline + (job.memory_predicted or plan.to_dict())["total"],
+                "bound_peak_bytes": baseline + plan.total, "measured_peak_bytes": peak_memory_bytes(device),
                 "device": str(device)},
     )
+
+
+def _move_materialized(model, device: torch.device) -> None:
+    """Move every parameter and buffer that is not on ``meta`` (the offloaded blocks stay there)."""
+    if device.type == "cpu":
+        return
+    from accelerate.utils import set_module_tensor_to_device
+
+    for name, t in [*model.named_parameters(), *model.named_buffers()]:
+        if not t.is_meta:
+            set_module_tensor_to_device(model, name, device)
 
 
 def _memory_plan(adapter, config: CompressConfig, compute: torch.dtype | None) -> MemoryEstimate:
@@ -179,7 +208,8 @@ def _memory_plan(adapter, config: CompressConfig, compute: torch.dtype | None) -
     cache_dtype = compute if config.cache_dtype == "auto" and compute is not None else torch.float32
     text = adapter.config.get_text_config() if hasattr(adapter.config, "get_text_config") else adapter.config
     kw = dict(n=config.nsamples, s=config.score_samples, t=config.seqlen, hidden=text.hidden_size,
-              intermediate=getattr(text, "intermediate_size", 4 * text.hidden_size), group=g,
+              intermediate=getattr(text, "intermediate_size", 4 * text.hidden_size),
+              heads=text.num_attention_heads, group=g,
               batch=config.batch_size, cache_entries=config.cache_entries or None,
               cache_bytes=torch.empty((), dtype=cache_dtype).element_size(), offload=config.offload,
               trainable=g * trainable_params(lins, norms, coef=config.coef, coef_rank=config.coef_rank,
@@ -190,6 +220,7 @@ def _memory_plan(adapter, config: CompressConfig, compute: torch.dtype | None) -
         config.grad_checkpoint == "auto"
         and g * config.batch_size * config.seqlen * off.activations_per_token_block > AUTO_CHECKPOINT_BYTES)
     plan = estimate_memory(**kw, grad_checkpoint=on) if on else off
+    plan.inputs = {**kw, "grad_checkpoint": on}
     log.info("memory plan: %.2f GiB over the baseline (cache %.2f, group %.2f, training %.2f); gradient "
              "checkpointing %s", plan.total / 2**30, plan.cache / 2**30, plan.group / 2**30, plan.training / 2**30,
              "on" if on else "off")

@@ -164,6 +164,8 @@ def run_compare(
         from .evaluate.zeroshot import require_lm_eval
 
         require_lm_eval()
+    if base.offload == "disk":
+        raise ValueError("compare holds the model in memory to run every method on it; use --offload cpu")
     # every refusal before the first write or load (the largest sparsity removes the most blocks)
     preflight(model_name, dataclasses.replace(base, sparsity=max(sparsities), remove=None, method=NAIVE))
     rows = _prepare_out(out, settings, resume=resume, overwrite=overwrite)

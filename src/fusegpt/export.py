@@ -62,6 +62,50 @@ def check_output_dir(out_dir: str | os.PathLike, overwrite: bool) -> Path:
     return out
 
 
+def _check_finite(tensors: dict[str, torch.Tensor]) -> None:
+    bad = [n for n, p in tensors.items() if p.is_floating_point() and not torch.isfinite(p).all()]
+    if bad:
+        raise NonFiniteWeightError(f"refusing to export non-finite (NaN/inf) weights in {', '.join(bad[:5])}")
+
+
+def _save_streamed(model, store, folder: Path) -> None:
+    """Sharded safetensors checkpoint written block by block (each loaded, merged, written, released), then the
+    other weights (tied ones once), the index, config and generation config: what save_pretrained writes."""
+    from safetensors.torch import save_file
+
+    adapter = get_adapter(model)
+    blocks = list(adapter.blocks)
+    shards = len(blocks) + 1
+    weight_map: dict[str, str] = {}
+    total = 0
+
+    def write(tensors: dict[str, torch.Tensor], index: int) -> None:
+        nonlocal total
+        _check_finite(tensors)
+        name = f"model-{index:05d}-of-{shards:05d}.safetensors"
+        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, folder / name,
+                  metadata={"format": "pt"})
+        for k, v in tensors.items():
+            weight_map[k] = name
+            total += v.numel() * v.element_size()
+
+    for i, block in enumerate(blocks):
+        with store.resident([block]):
+            merge_fused_linears(block)
+            write({f"{adapter.blocks_prefix}.{i}.{k}": v for k, v in block.state_dict().items()}, i + 1)
+    rest, seen = {}, set()
+    for k, v in model.state_dict().items():
+        if k.startswith(adapter.blocks_prefix + ".") or v.is_meta or v.data_ptr() in seen:
+            continue
+        seen.add(v.data_ptr())
+        rest[k] = v
+    write(rest, shards)
+    write_json(folder / "model.safetensors.index.json", {"metadata": {"total_size": total}, "weight_map": weight_map})
+    model.config.save_pretrained(folder)
+    if getattr(model, "generation_config", None) is not None:
+        model.generation_config.save_pretrained(folder)
+
+
 def drop_blocks(model, blocks: Sequence[int]) -> list[int]:
     """Plain removal of blocks (indices of the model as it is now). Returns the kept indices."""
     return get_adapter(model).remove_blocks(blocks)
@@ -75,20 +119,24 @@ def export_model(
     metadata: dict[str, Any],
     overwrite: bool = False,
     write_extra: Callable[[Path], None] | None = None,
+    store=None,
 ) -> Path:
     """Merge fused layers, then save model + tokenizer + ``fusegpt.json`` (+ whatever ``write_extra(folder)``
     writes: reports, plots) to ``out_dir`` atomically: the folder appears complete or not at all. A model with
-    non-finite weights is never written."""
+    non-finite weights is never written. ``store``: the BlockStore of a model whose blocks live on disk; they are
+    then merged and written one at a time (one shard per block, with the standard index file)."""
     out = check_output_dir(out_dir, overwrite)
-    merge_fused_linears(model)
-    bad = [n for n, p in model.named_parameters() if not torch.isfinite(p).all()]
-    if bad:
-        raise NonFiniteWeightError(f"refusing to export non-finite (NaN/inf) weights in {', '.join(bad[:5])}")
+    if store is None:
+        merge_fused_linears(model)
+        _check_finite(dict(model.named_parameters()))
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
         model.config.use_cache = True
-        model.save_pretrained(tmp, safe_serialization=True)
+        if store is None:
+            model.save_pretrained(tmp, safe_serialization=True)
+        else:
+            _save_streamed(model, store, tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         write_json(tmp / "fusegpt.json", {**metadata, "num_hidden_layers": model.config.num_hidden_layers,

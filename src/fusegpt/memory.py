@@ -7,14 +7,14 @@ MLP width I), the group (G receivers, mini-batch B) and the cache policy (R resi
 - cache: R x (N + S) x T x H x b_cache (both activation caches at their bound; with offload = disk the entries
   are files and only the one in use, the group input, is in memory: N x T x H x b_cache);
 - group: the teacher's output y, N x T x H x b_cache, plus the group input x when it is not a cache entry;
-- training: the trainable parameters with their gradient and two Adam moments (16 bytes each), the fused
-  weights' temporaries (per receiving linear, out x in x 4 bytes each: W_eff and the three terms it is summed
-  from in the forward, three gradients of the same size in the backward; all receivers at once, or one block at a
-  time with gradient checkpointing), and the autograd activations of a mini-batch: (9 H + 4 I) x 4 bytes per
-  token and block (two RMSNorm inputs and outputs, the SDPA inputs q, k, v and output with k/v repeated to H,
-  the attention output, the MLP's gate, up, SiLU and product), for all G student blocks, or with gradient
-  checkpointing for one block plus every block's
-  input (B x T x H x 4 each);
+- training: the trainable parameters with their gradient and two Adam moments (16 bytes each); the autograd
+  activations of a mini-batch, a = (9 H + 4 I) x 4 bytes per token and block (two RMSNorm inputs and outputs,
+  the SDPA inputs q, k, v and output with k/v repeated to H, the attention output, the MLP's gate, up, SiLU and
+  product); the attention matrix of a block, B x heads x T x T x 4 (scores and probabilities in the forward, their
+  gradients in the backward); the fused weights' temporaries, out x in x 4 bytes per receiving linear (W_eff and
+  the three terms it is summed from, three gradients in the backward). Without gradient checkpointing every
+  student block keeps its activations, probabilities and weight terms; with it, every block keeps its input
+  (B x T x H x 4) and one block at a time holds the rest;
 - scoring: the full and the skipped final hidden states of the S scoring windows and one running copy
   (3 x S x T x H x 4).
 """
@@ -56,6 +56,7 @@ class MemoryEstimate:
     scoring: int
     activations_per_token_block: int
     grad_checkpoint: bool
+    inputs: dict | None = None  # the arguments it was computed from (to recompute a step's prediction)
 
     @property
     def total(self) -> int:
@@ -63,7 +64,16 @@ class MemoryEstimate:
         return self.cache + max(self.group + self.training, self.scoring)
 
     def to_dict(self) -> dict:
-        return {**asdict(self), "total": self.total}
+        d = asdict(self)
+        d.pop("inputs")
+        return {**d, "total": self.total}
+
+    def at_step(self, calib_resident: int, score_resident: int) -> "MemoryEstimate":
+        """The same formula with the entries the caches really hold at a step."""
+        kw = {k: v for k, v in (self.inputs or {}).items()}
+        est = estimate_memory(**kw, calib_resident=calib_resident, score_resident=score_resident)
+        est.inputs = self.inputs
+        return est
 
 
 def activation_bytes_per_token(hidden: int, intermediate: int, bytes_per: int = 4) -> int:
@@ -72,28 +82,32 @@ def activation_bytes_per_token(hidden: int, intermediate: int, bytes_per: int = 
 
 
 def estimate_memory(
-    *, n: int, s: int, t: int, hidden: int, intermediate: int, group: int, batch: int, cache_entries: int | None,
-    cache_bytes: int, offload: str, trainable: int, receiver_linear_params: int, grad_checkpoint: bool,
+    *, n: int, s: int, t: int, hidden: int, intermediate: int, heads: int, group: int, batch: int,
+    cache_entries: int | None, cache_bytes: int, offload: str, trainable: int, receiver_linear_params: int,
+    grad_checkpoint: bool, calib_resident: int | None = None, score_resident: int | None = None,
 ) -> MemoryEstimate:
-    """The formula of the module docstring. ``cache_entries`` None = unbounded (not predictable without L; the
-    estimate then counts one entry); ``receiver_linear_params``: out x in summed over the receivers' linears."""
+    """The formula of the module docstring.
+
+    ``cache_entries`` (R) bounds each cache; ``calib_resident`` / ``score_resident``, when given, are the entries
+    the caches hold at a step (at most R; what the prediction of that step uses). ``receiver_linear_params``: out x
+    in summed over the receivers' linears; ``heads``: attention heads (SDPA on the CPU materialises the T x T
+    scores and probabilities of a block, and their gradients in backward)."""
     entry = t * hidden * cache_bytes
     r = cache_entries or 1
-    if offload == "disk":
-        cache = n * entry  # the group input read back from its file
-        group_in = 0
-    else:
-        cache = r * (n + s) * entry
-        group_in = 0  # x is the cache's most recent entry
+    rc = r if calib_resident is None else calib_resident
+    rs = r if score_resident is None else score_resident
+    cache = n * entry if offload == "disk" else rc * n * entry + rs * s * entry
     per_tok = activation_bytes_per_token(hidden, intermediate)
     tokens = batch * t
+    att = batch * heads * t * t * 4  # one block's attention matrix (fp32)
+    w_block = receiver_linear_params // max(group, 1)
     if grad_checkpoint:
-        acts = tokens * per_tok + group * tokens * hidden * 4
+        # every student block's input is kept; one block at a time is recomputed with its activations, attention
+        # matrices (scores, probabilities and their gradients) and fused-weight temporaries (7 x out x in)
+        training = 16 * trainable + group * tokens * hidden * 4 + tokens * per_tok + 4 * att + 28 * w_block
     else:
-        acts = group * tokens * per_tok
-    # fused-weight temporaries (W_eff and its terms, 4 x out x in) and their gradients in backward (3 more): for
-    # every receiver at once, or with checkpointing for one block at a time
-    temps = 7 * 4 * (receiver_linear_params // max(group, 1) if grad_checkpoint else receiver_linear_params)
-    training = 16 * trainable + temps + acts
-    return MemoryEstimate(cache=cache, group=n * entry + group_in, training=training, scoring=3 * s * t * hidden * 4,
+        # every block keeps its activations, attention probabilities and fused-weight terms (4 x out x in) for
+        # backward; one block's backward adds three attention-sized and three weight-sized gradients
+        training = 16 * trainable + group * (tokens * per_tok + att + 16 * w_block) + 3 * att + 12 * w_block
+    return MemoryEstimate(cache=cache, group=n * entry, training=training, scoring=3 * s * t * hidden * 4,
                           activations_per_token_block=per_tok, grad_checkpoint=grad_checkpoint)

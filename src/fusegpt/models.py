@@ -202,8 +202,9 @@ def source_fingerprint(name: str | os.PathLike) -> str:
 
 @torch.no_grad()
 def check_finite(model) -> None:
-    """Refuse a model with NaN or infinite weights (a broken conversion or checkpoint), naming the tensors."""
-    bad = [n for n, p in model.named_parameters() if not torch.isfinite(p).all()]
+    """Refuse a model with NaN or infinite weights (a broken conversion or checkpoint), naming the tensors (blocks
+    on the ``meta`` device are checked when they are loaded)."""
+    bad = [n for n, p in model.named_parameters() if not p.is_meta and not torch.isfinite(p).all()]
     if bad:
         more = f" and {len(bad) - 5} more" if len(bad) > 5 else ""
         raise ModelSourceError(
@@ -212,14 +213,54 @@ def check_finite(model) -> None:
         )
 
 
+def _load_without_blocks(folder: Path, dtype: torch.dtype):
+    """The model with its decoder blocks on ``meta`` and every other weight read from the safetensors files (one
+    tensor at a time); buffers (rotary tables) are built normally. Block ``i`` gets ``fusegpt_origin = i``."""
+    from accelerate import init_empty_weights
+    from accelerate.utils import set_module_tensor_to_device
+    from safetensors import safe_open
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from .adapters import get_adapter
+    from .offload import ORIGIN_ATTR
+
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        raise ModelSourceError(f"--offload disk streams blocks from safetensors files; {folder} has none "
+                               "(convert the checkpoint with save_pretrained(safe_serialization=True))")
+    config = AutoConfig.from_pretrained(folder, local_files_only=True)
+    with init_empty_weights(include_buffers=False):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    adapter = get_adapter(model)
+    prefix = adapter.blocks_prefix + "."
+    names = dict(model.named_parameters())
+    for f in files:
+        with safe_open(str(f), framework="pt") as fh:
+            for key in fh.keys():
+                if key.startswith(prefix) or key not in names:
+                    continue
+                set_module_tensor_to_device(model, key, "cpu", value=fh.get_tensor(key).to(dtype))
+    model.tie_weights()
+    missing = [n for n, p in model.named_parameters() if p.is_meta and not n.startswith(prefix)]
+    if missing:
+        raise ModelSourceError(f"{folder}: weights missing from the checkpoint: {', '.join(missing[:5])}")
+    for i, block in enumerate(adapter.blocks):
+        setattr(block, ORIGIN_ATTR, i)
+    return model.eval()
+
+
 def load_model(
     name: str | os.PathLike,
     *,
     dtype: torch.dtype = torch.float32,
     device: torch.device | str = "cpu",
     use_cache: bool = True,
+    blocks_on_disk: bool = False,
 ) -> LoadedModel:
-    """Load a causal LM and its tokenizer from an alias, a .gguf file or a HF folder, offline."""
+    """Load a causal LM and its tokenizer from an alias, a .gguf file or a HF folder, offline.
+
+    ``blocks_on_disk``: build the decoder blocks on the ``meta`` device (no memory) and load only the other
+    weights; the blocks are streamed from ``info["folder"]`` by :class:`fusegpt.offload.BlockStore`."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     src = resolve_source(name)
@@ -234,12 +275,19 @@ def load_model(
             _convert_gguf(src, folder)
         info["converted"] = str(folder)
     check_checkpoint_files(folder)
+    info["folder"] = str(folder)
     try:
-        model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, local_files_only=True)
+        if blocks_on_disk:
+            model = _load_without_blocks(folder, dtype)
+        else:
+            model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, local_files_only=True)
         tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
     except (OSError, ValueError) as exc:
+        if isinstance(exc, ModelSourceError):
+            raise
         raise ModelSourceError(f"could not load {src.name!r} from {folder}: {exc}") from exc
     check_finite(model)
-    model.to(device)
+    if not blocks_on_disk:
+        model.to(device)
     model.eval()
     return LoadedModel(model=model, tokenizer=tokenizer, source=src.name, info=info)

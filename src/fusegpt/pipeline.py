@@ -85,12 +85,21 @@ def run_compression(
     else:
         check_output_dir(out, overwrite)
     preflight(model_name, config)  # every refusal happens here, before loading
-    loaded = load_model(model_name)
+    store = None
+    if config.offload == "disk":  # blocks stay in the checkpoint's files, loaded while used
+        from .adapters import get_adapter
+        from .offload import BlockStore
+
+        loaded = load_model(model_name, blocks_on_disk=True)
+        store = BlockStore(get_adapter(loaded.model), loaded.info["folder"], out / RUN_DIR / "offload")
+    else:
+        loaded = load_model(model_name)
     report = compress(loaded.model, config, tokenizer=loaded.tokenizer, source_model=model_name,
-                      checkpoint_dir=out / RUN_DIR, resume=resume, source_fingerprint=source_fingerprint(model_name))
+                      checkpoint_dir=out / RUN_DIR, resume=resume, source_fingerprint=source_fingerprint(model_name),
+                      store=store)
     if evaluate:
         res = evaluate_perplexity(loaded.model, loaded.tokenizer, desc="perplexity (compressed, in memory)",
-                                  **(eval_kwargs or {}))
+                                  store=store, **(eval_kwargs or {}))
         report.evaluation["wikitext2"] = res.to_dict()
         log.info("WikiText-2 PPL of the compressed model: %.3f", res.ppl)
     t = time.perf_counter()
@@ -102,5 +111,6 @@ def run_compression(
         write_report(report, folder)
 
     # out holds only the run folder now (or old content the user allowed to be replaced)
-    export_model(loaded.model, loaded.tokenizer, out, metadata=meta, overwrite=True, write_extra=write_extra)
+    export_model(loaded.model, loaded.tokenizer, out, metadata=meta, overwrite=True, write_extra=write_extra,
+                 store=store)
     return report

@@ -61,6 +61,8 @@ class Adapter:
     model_types: ClassVar[tuple[str, ...]] = ()
     linear_names: ClassVar[tuple[str, ...]] = ()
     family: ClassVar[str] = "base"
+    # where block i's tensors live in the checkpoint: f"{blocks_prefix}.{i}.<name>"
+    blocks_prefix: ClassVar[str] = "model.layers"
 
     def __init__(self, model: nn.Module) -> None:
         self.model = model

@@ -61,6 +61,32 @@ def nll_sum(model, windows: torch.Tensor, *, batch_size: int = 4, desc: str | No
     return total, count
 
 
+@torch.no_grad()
+def nll_sum_by_blocks(model, windows: torch.Tensor, store, *, batch_size: int = 4,
+                      desc: str | None = "perplexity") -> tuple[float, int]:
+    """``nll_sum`` for a model whose blocks live on disk: every window through one loaded block at a time (the
+    same blocks, masks and position embeddings as the model's own forward), then the final norm and head."""
+    from ..activations import Runner
+    from ..adapters import get_adapter
+
+    adapter = get_adapter(model)
+    device = next(p for p in model.parameters() if not p.is_meta).device
+    runner = Runner.for_model(adapter, windows.shape[1], device=device, batch_size=batch_size)
+    runner.store = store
+    hidden = runner.embed(windows)
+    blocks, kinds = list(adapter.blocks), adapter.block_kinds()
+    for block, kind in tqdm(list(zip(blocks, kinds)), desc=desc, unit="block", disable=desc is None, leave=False):
+        hidden = runner.run([block], [kind], hidden)
+    total, count = 0.0, 0
+    for s in range(0, windows.shape[0], batch_size):
+        ids = windows[s : s + batch_size].to(device)
+        logits = adapter.head(hidden[s : s + batch_size].to(device)).float()
+        total += float(F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1),
+                                       reduction="sum"))
+        count += ids[:, 1:].numel()
+    return total, count
+
+
 def evaluate_perplexity(
     model,
     tokenizer,
@@ -71,18 +97,23 @@ def evaluate_perplexity(
     batch_size: int = 4,
     desc: str | None = "perplexity",
     windows: torch.Tensor | None = None,
+    store=None,
 ) -> PerplexityResult:
     """WikiText-2 (or another source) perplexity of a causal LM under the protocol in this module's docstring.
 
     ``windows``: the [W, seqlen] output of :func:`perplexity_windows` for these settings, when several models are
-    evaluated on the same text (saves tokenizing it again).
+    evaluated on the same text (saves tokenizing it again). ``store``: the BlockStore of a model whose blocks live
+    on disk (``--offload disk``); they are then run one at a time.
     """
     t0 = time.perf_counter()
     if windows is None:
         windows = perplexity_windows(tokenizer, source, seqlen, max_windows)
     was_training = model.training
     model.eval()
-    total, count = nll_sum(model, windows, batch_size=batch_size, desc=desc)
+    if store is not None:
+        total, count = nll_sum_by_blocks(model, windows, store, batch_size=batch_size, desc=desc)
+    else:
+        total, count = nll_sum(model, windows, batch_size=batch_size, desc=desc)
     model.train(was_training)
     nll = total / count
     return PerplexityResult(

@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Any, Sequence
 
 import torch
 from torch import nn
 
 from .linear import FusedLinear
 
-__all__ = ["wrap_block", "inject_donor", "merge_fused_linears", "fused_linears"]
+__all__ = ["wrap_block", "inject_donor", "merge_fused_linears", "fused_linears", "block_spec", "rebuild_block"]
 
 
 def _effective(linear: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -65,3 +65,22 @@ def merge_fused_linears(module: nn.Module) -> int:
         parent = module.get_submodule(parent_name) if parent_name else module
         setattr(parent, child, fl.to_linear())
     return len(found)
+
+
+def block_spec(adapter, block: nn.Module) -> dict[str, Any]:
+    """{linear name: None (plain) or its FusedLinear spec}."""
+    return {name: (lin.spec() if isinstance(lin, FusedLinear) else None)
+            for name, lin in adapter.block_linears(block).items()}
+
+
+def rebuild_block(adapter, block: nn.Module, spec: dict[str, Any]) -> None:
+    """Give ``block`` the structure of ``spec`` (plain linears become FusedLinear with the recorded donors and
+    ranks; fused ones become plain), ready for ``load_state_dict``."""
+    for name, lin in adapter.block_linears(block).items():
+        want = spec.get(name)
+        if want is None and not isinstance(lin, FusedLinear):
+            continue
+        w = lin.weight
+        # a placeholder of the right shape (values come from the state dict; works on the meta device too)
+        base = nn.Linear(lin.in_features, lin.out_features, bias=lin.bias is not None, device=w.device, dtype=w.dtype)
+        adapter.set_submodule(block, name, base if want is None else FusedLinear.from_spec(base, want))

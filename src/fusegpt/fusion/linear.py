@@ -100,14 +100,17 @@ class FusedLinear(nn.Module):
         self, weight: torch.Tensor, bias: torch.Tensor | None, *, coef_kind: str = "lowrank", coef_rank: int = 128,
         generator: torch.Generator | None = None,
     ) -> None:
-        """Register a removed block's (effective) weight as a buffer with a new zero coefficient."""
+        """Register a removed block's (effective) weight as a buffer with a new zero coefficient.
+
+        The buffer is the given tensor itself when dtype and device match (never modified in place: every receiver
+        of one donor shares one copy, so fusing into G blocks costs one donor block of memory, not G)."""
         if tuple(weight.shape) != (self.out_features, self.in_features):
             want = (self.out_features, self.in_features)
             raise ValueError(f"donor weight {tuple(weight.shape)} does not match {want}")
         k = self.num_donors
-        self.register_buffer(f"donor_weight_{k}", weight.detach().to(self.weight).clone())
+        self.register_buffer(f"donor_weight_{k}", weight.detach().to(self.weight))
         use_bias = bias is not None and self.bias is not None
-        self.register_buffer(f"donor_bias_{k}", bias.detach().to(self.weight).clone() if use_bias else None)
+        self.register_buffer(f"donor_bias_{k}", bias.detach().to(self.weight) if use_bias else None)
         self.coefs.append(FusionCoefficient(
             coef_kind, self.out_features, self.in_features, coef_rank, has_bias=use_bias, generator=generator,
             device=self.weight.device, dtype=self.weight.dtype,

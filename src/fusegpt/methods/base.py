@@ -76,6 +76,8 @@ class Job:
     state: RunState | None = None
     checkpoint: Any = None  # a methods.checkpoint.Checkpoint when the run is resumable
     work_dir: Path | None = None  # where activations live with offload = disk
+    memory_plan: Any = None  # fusegpt.memory.MemoryEstimate of the run (its bound)
+    memory_predicted: dict | None = None  # the largest per-step prediction (with the entries really resident)
 
     def __post_init__(self) -> None:
         if self.state is None:
@@ -103,6 +105,16 @@ class Job:
             self.state.caches[name] = ActivationCache(runner, input_ids, max_resident=cfg.cache_entries or None,
                                                       dtype=dtype, disk=disk)
         return self.state.caches[name]
+
+    def note_memory(self) -> None:
+        """Predict this step's memory from the formula with the cache entries resident now; keep the largest."""
+        if self.memory_plan is None or self.memory_plan.inputs is None:
+            return
+        c = self.state.caches
+        est = self.memory_plan.at_step(c["calib"].resident if "calib" in c else 0,
+                                       c["score"].resident if "score" in c else 0).to_dict()
+        if self.memory_predicted is None or est["total"] > self.memory_predicted["total"]:
+            self.memory_predicted = est
 
     def close(self) -> None:
         """Free the activation caches (and their files)."""
@@ -155,6 +167,7 @@ class MethodInfo:
     kind: str
     summary: str
     resumable: bool = True  # continues after a crash from its last finished step (else --resume starts it again)
+    streams: bool = False  # works with --offload disk (touches weights only through the runner's loaded blocks)
 
 
 _METHODS: dict[str, Callable[[Job], list[StepReport]]] = {}
@@ -162,7 +175,8 @@ _INFO: dict[str, MethodInfo] = {}
 KINDS = ("drop", "merge", "fuse", "heal")
 
 
-def register_method(name: str, *, kind: str = "fuse", summary: str = "", resumable: bool = True) -> Callable:
+def register_method(name: str, *, kind: str = "fuse", summary: str = "", resumable: bool = True,
+                    streams: bool = False) -> Callable:
     if kind not in KINDS:
         raise ValueError(f"method kind must be one of {KINDS}, got {kind!r}")
 
@@ -170,7 +184,8 @@ def register_method(name: str, *, kind: str = "fuse", summary: str = "", resumab
         if name in _METHODS:
             raise ValueError(f"method {name!r} registered twice")
         _METHODS[name] = fn
-        _INFO[name] = MethodInfo(name, kind, summary or (fn.__doc__ or "").strip().split("\n")[0], resumable)
+        _INFO[name] = MethodInfo(name, kind, summary or (fn.__doc__ or "").strip().split("\n")[0], resumable,
+                                 streams)
         return fn
 
     return deco

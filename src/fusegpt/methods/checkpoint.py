@@ -26,30 +26,13 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from ..fusion import FusedLinear
+from ..fusion.inject import block_spec, rebuild_block
 from ..runs import RecordLog, atomic_write_json, check_settings
 from .base import Job, StepReport
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Checkpoint", "block_spec", "rebuild_block"]
-
-
-def block_spec(adapter, block: torch.nn.Module) -> dict[str, Any]:
-    """{linear name: None (plain) or its FusedLinear spec}."""
-    return {name: (lin.spec() if isinstance(lin, FusedLinear) else None)
-            for name, lin in adapter.block_linears(block).items()}
-
-
-def rebuild_block(adapter, block: torch.nn.Module, spec: dict[str, Any]) -> None:
-    """Give ``block`` the structure of ``spec`` (plain linears become FusedLinear with the recorded donors and
-    ranks; fused ones become plain), ready for ``load_state_dict``."""
-    for name, lin in adapter.block_linears(block).items():
-        want = spec.get(name)
-        base = lin.to_linear() if isinstance(lin, FusedLinear) else lin
-        new = base if want is None else FusedLinear.from_spec(base, want)
-        if new is not lin:
-            adapter.set_submodule(block, name, new)
+__all__ = ["Checkpoint"]
 
 
 def _save_atomic(tensors: dict[str, torch.Tensor], path: Path) -> None:
@@ -117,9 +100,11 @@ class Checkpoint:
         for cur in changed:
             orig = job.state.orig[cur]
             name = f"b{orig:04d}-s{rep.step:04d}.safetensors"
-            state = {k: v.detach().contiguous().cpu() for k, v in blocks[cur].state_dict().items()}
+            with job.runner.resident([blocks[cur]]):  # offloaded blocks: read back from the work folder
+                state = {k: v.detach().contiguous().cpu() for k, v in blocks[cur].state_dict().items()}
+                spec = block_spec(job.adapter, blocks[cur])
             _save_atomic(state, self.folder / "blocks" / name)
-            files[str(orig)] = {"file": name, "spec": block_spec(job.adapter, blocks[cur])}
+            files[str(orig)] = {"file": name, "spec": spec}
         previous = self.log.read()
         self.log.append({"step": rep.step, "report": rep, "blocks": files,
                          "generator": _generator_state(job.generator), "flops": dict(job.flops)})
@@ -152,6 +137,13 @@ class Checkpoint:
             rebuild_block(ad, block, f["spec"])
             values = load_file(self.folder / "blocks" / f["file"])
             ref = block.state_dict()
+            store = job.runner.store
+            if store is not None:  # offloaded: the block's new home is the store's work folder
+                block.load_state_dict({k: v.to(dtype=ref[k].dtype) for k, v in values.items()}, strict=True,
+                                      assign=True)
+                store.save(block)
+                store.release(block)
+                continue
             values = {k: v.to(device=ref[k].device, dtype=ref[k].dtype) for k, v in values.items()}
             block.load_state_dict(values, strict=True)
         _set_generator_state(job.generator, records[-1]["generator"])

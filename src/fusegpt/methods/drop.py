@@ -107,27 +107,28 @@ def _scored(scorer: Scorer, iterative: bool | None, label: str) -> Callable[[Job
     return run
 
 
-# name, scorer, iterative (None = config mode), label, summary
+# name, scorer, iterative (None = config mode), label, summary, works with --offload disk
 _SCORED = [
-    ("drop-mi", _mi, None, "MI", "Macro Influence selection, plain removal (no fusion)"),
-    ("shortgpt", _bi, False, "BI", "ShortGPT Block Influence, one-shot"),
-    ("sleb", _nll, True, "SLEB NLL", "SLEB: iterative removal of the block whose removal costs least NLL"),
-    ("ppl-oneshot", _nll, False, "PPL", "Shortened LLaMA PPL criterion, one-shot"),
-    ("taylor", _taylor, False, "Taylor", "Shortened LLaMA first-order Taylor criterion, one-shot"),
-    ("magnitude", _magnitude, False, "magnitude", "sum |W| per block, one-shot"),
+    ("drop-mi", _mi, None, "MI", "Macro Influence selection, plain removal (no fusion)", True),
+    ("shortgpt", _bi, False, "BI", "ShortGPT Block Influence, one-shot", True),
+    ("sleb", _nll, True, "SLEB NLL", "SLEB: iterative removal of the block whose removal costs least NLL", True),
+    ("ppl-oneshot", _nll, False, "PPL", "Shortened LLaMA PPL criterion, one-shot", True),
+    ("taylor", _taylor, False, "Taylor", "Shortened LLaMA first-order Taylor criterion, one-shot", False),
+    ("magnitude", _magnitude, False, "magnitude", "sum |W| per block, one-shot", False),
 ]
-for _name, _scorer, _iterative, _label, _summary in _SCORED:
-    register_method(_name, kind="drop", summary=_summary)(_scored(_scorer, _iterative, _label))
+for _name, _scorer, _iterative, _label, _summary, _streams in _SCORED:
+    register_method(_name, kind="drop", summary=_summary, streams=_streams)(_scored(_scorer, _iterative, _label))
 
 
-@register_method("random", kind="drop", summary="seeded random blocks")
+@register_method("random", kind="drop", summary="seeded random blocks", streams=True)
 def run_random(job: Job) -> list[StepReport]:
     L = job.adapter.num_blocks
     perm = torch.randperm(L, generator=torch.Generator().manual_seed(job.config.seed)).tolist()
     return remove_plan(job, perm[: job.num_removals])
 
 
-@register_method("angular", kind="drop", summary="Gromov et al. angular distance, best contiguous window")
+@register_method("angular", kind="drop", summary="Gromov et al. angular distance, best contiguous window",
+                 streams=True)
 def run_angular(job: Job) -> list[StepReport]:
     n = job.num_removals
     cache = job.cache("score", job.calib_ids[: job.config.score_samples])

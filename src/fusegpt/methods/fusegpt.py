@@ -127,28 +127,21 @@ def receivers_for(job: Job, p: int, how: str) -> list[int]:
     return sorted(sorted(sims, key=sims.__getitem__, reverse=True)[: job.config.global_receivers])
 
 
-def fuse_step(job: Job, step: int, p: int, recv: list[int], sec: dict[str, float]) -> tuple[StepReport, list[int]]:
-    """Fuse current block ``p`` into the receiving blocks ``recv``, distill the group against its original output,
-    remove ``p``. Returns the step's report and the current indices (after the removal) of the changed blocks.
-
-    Divergence (a non-finite loss, or one past ``diverge_factor`` x the first step's) restores the group and
-    retries once at half the learning rates; if that diverges too, the step keeps plain removal (every fused term
-    is zero again) and the report says so.
-    """
+def _fuse_and_distill(job: Job, step: int, p: int, recv: list[int], span: list[int], x: torch.Tensor,
+                      sec: dict[str, float]):
+    """Teacher outputs, donor injection, distillation (with the divergence retry), consolidation."""
     cfg, ad, runner = job.config, job.adapter, job.runner
     k, orig = job.num_removals, job.state.orig
     tag = f"({step + 1}/{k})"
     S = cfg.score_samples
-    span = list(range(min(recv[0], p), max(recv[-1], p) + 1))
-    g0 = span[0]
     blocks, kinds = list(ad.blocks), ad.block_kinds()
+    receiving = [blocks[i] for i in recv]
     with job.measure("teacher", sec):
-        x = job.cache("calib", job.calib_ids).get(g0)
         y = runner.run([blocks[i] for i in span], [kinds[i] for i in span], x)
+    job.note_memory()
     # the student runs the span without p; only the receivers get donors and train (local: span - p == recv)
     student = [blocks[i] for i in span if i != p]
     skinds = [kinds[i] for i in span if i != p]
-    receiving = [blocks[i] for i in recv]
     inject_donor(ad, blocks[p], receiving, coef_kind=cfg.coef, coef_rank=cfg.coef_rank,
                  lora_rank=0 if cfg.train == "full" else cfg.lora_rank, generator=job.generator)
     before, mse_before = _group_losses(job, student, skinds, x[:S], y[:S], sec)
@@ -173,6 +166,29 @@ def fuse_step(job: Job, step: int, p: int, recv: list[int], sec: dict[str, float
     if cfg.consolidate:
         for block in receiving:
             merge_fused_linears(block)
+    return before, after, mse_before, mse_after, res, reasons
+
+
+def fuse_step(job: Job, step: int, p: int, recv: list[int], sec: dict[str, float]) -> tuple[StepReport, list[int]]:
+    """Fuse current block ``p`` into the receiving blocks ``recv``, distill the group against its original output,
+    remove ``p``. Returns the step's report and the current indices (after the removal) of the changed blocks.
+
+    Divergence (a non-finite loss, or one past ``diverge_factor`` x the first step's) restores the group and
+    retries once at half the learning rates; if that diverges too, the step keeps plain removal (every fused term
+    is zero again) and the report says so.
+    """
+    cfg, ad, runner = job.config, job.adapter, job.runner
+    k, orig = job.num_removals, job.state.orig
+    tag = f"({step + 1}/{k})"
+    span = list(range(min(recv[0], p), max(recv[-1], p) + 1))
+    g0 = span[0]
+    blocks = list(ad.blocks)
+    receiving = [blocks[i] for i in recv]
+    with job.measure("teacher", sec):  # the group's input, from the cache (before the span is loaded)
+        x = job.cache("calib", job.calib_ids).get(g0)
+    # offloaded models: the span is loaded for the whole step, the receivers are persisted at its end
+    with runner.resident([blocks[i] for i in sorted(set(span) | set(recv))], save=receiving):
+        before, after, mse_before, mse_after, res, reasons = _fuse_and_distill(job, step, p, recv, span, x, sec)
     group_orig = [orig[i] for i in recv]
     removed = job.remove_block(p, first_changed=g0)
     changed = [i if i < p else i - 1 for i in recv]
@@ -201,13 +217,14 @@ def fuse_and_remove(job: Job, *, receivers: str, selection: Selection | None = N
     return job.state.steps
 
 
-@register_method("fusegpt", kind="fuse", summary="FuseGPT: MI selection, learnable fusion into the local group")
+@register_method("fusegpt", kind="fuse", summary="FuseGPT: MI selection, learnable fusion into the local group",
+                 streams=True)
 def run_fusegpt(job: Job) -> list[StepReport]:
     return fuse_and_remove(job, receivers="local")
 
 
 @register_method("fusegpt-global", kind="fuse",
-                 summary="FuseGPT fusing into the most similar blocks anywhere (global fusion)")
+                 summary="FuseGPT fusing into the most similar blocks anywhere (global fusion)", streams=True)
 def run_fusegpt_global(job: Job) -> list[StepReport]:
     """The paper's global-fusion contrast: the removed block is fused into the ``global_receivers`` blocks whose
     outputs are most similar (mean token cosine, scoring samples) to its own output, anywhere in the network;

@@ -1,0 +1,150 @@
+"""Decoder blocks whose weights live on disk (``--offload disk``): loaded one block at a time, released after.
+
+The model is built with its decoder blocks on the ``meta`` device (no memory); embeddings, final norm and head are
+loaded normally. A block is materialised from the checkpoint's safetensors files (read with ``safe_open``, only
+that block's tensors) when the runner or a method needs it, and released (back to ``meta``) afterwards. A block
+whose weights a step changed is written to the run's work folder (its state dict and structure, atomically) and
+read from there from then on. Peak memory holds the non-block weights plus the blocks in use (the group span
+during fusion), never the whole model.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from .fusion.inject import block_spec, rebuild_block
+
+log = logging.getLogger(__name__)
+
+__all__ = ["BlockStore", "ORIGIN_ATTR", "block_origin", "save_tensors_atomic", "is_materialized"]
+
+ORIGIN_ATTR = "fusegpt_origin"  # original block index, set on every block of an offloaded model
+
+
+def block_origin(block: nn.Module) -> int:
+    return int(getattr(block, ORIGIN_ATTR))
+
+
+def is_materialized(module: nn.Module) -> bool:
+    return not any(p.is_meta for p in module.parameters())
+
+
+def save_tensors_atomic(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    """A safetensors file written to a temporary name, fsync'ed, renamed (never half-written)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp)
+    with open(tmp, "rb+") as fh:
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+class BlockStore:
+    """Where the weights of every block of an offloaded model are, and loading/releasing them.
+
+    ``folder``: the checkpoint (safetensors files; block b's tensors are named ``<prefix>.<b>.<name>``);
+    ``work``: where changed blocks are written. ``pinned`` blocks stay materialised until unpinned.
+    """
+
+    def __init__(self, adapter, folder: str | os.PathLike, work: str | os.PathLike, *,
+                 dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu") -> None:
+        self.adapter = adapter
+        self.folder = Path(folder)
+        self.work = Path(work)
+        self.prefix = prefix = adapter.blocks_prefix
+        self.dtype = dtype
+        self.device = torch.device(device)
+        self.keys: dict[int, list[tuple[str, Path]]] = {}
+        files = sorted(self.folder.glob("*.safetensors"))
+        if not files:
+            raise ValueError(f"--offload disk streams blocks from safetensors files; {self.folder} has none")
+        for f in files:
+            with safe_open(str(f), framework="pt") as fh:
+                for key in fh.keys():
+                    if key.startswith(prefix + "."):
+                        b, _, name = key[len(prefix) + 1:].partition(".")
+                        self.keys.setdefault(int(b), []).append((name, f))
+        self.changed: dict[int, tuple[Path, dict]] = {}
+        self.version: dict[int, int] = {}
+        self.pins: dict[int, int] = {}
+        self.loads = 0  # blocks materialised so far (for tests and logs)
+
+    # ---- one block --------------------------------------------------------------------------------------------
+    def _read_original(self, orig: int) -> dict[str, torch.Tensor]:
+        out: dict[str, torch.Tensor] = {}
+        by_file: dict[Path, list[str]] = {}
+        for name, f in self.keys.get(orig, []):
+            by_file.setdefault(f, []).append(name)
+        for f, names in by_file.items():
+            with safe_open(str(f), framework="pt") as fh:
+                for name in names:
+                    out[name] = fh.get_tensor(f"{self.prefix}.{orig}.{name}").to(self.dtype)
+        if not out:
+            raise ValueError(f"no weights of block {orig} in {self.folder}")
+        return out
+
+    def load(self, block: nn.Module) -> None:
+        """Materialise ``block`` (no-op when it already is)."""
+        if is_materialized(block):
+            return
+        orig = block_origin(block)
+        if orig in self.changed:
+            path, spec = self.changed[orig]
+            rebuild_block(self.adapter, block, spec)
+            values = load_file(path)
+        else:
+            values = self._read_original(orig)
+        bad = [k for k, v in values.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+        if bad:
+            raise ValueError(f"block {orig} has non-finite (NaN/inf) weights in {', '.join(bad[:5])}")
+        block.load_state_dict({k: v.to(self.device) for k, v in values.items()}, strict=True, assign=True)
+        self.loads += 1
+
+    def release(self, block: nn.Module) -> None:
+        """Back to ``meta`` (frees the memory) unless pinned. Changes not saved with :meth:`save` are lost."""
+        if self.pins.get(id(block), 0) > 0 or not is_materialized(block):
+            return
+        block.to("meta")
+
+    def save(self, block: nn.Module) -> None:
+        """Persist a changed block (state dict + structure) in the work folder; later loads read it."""
+        orig = block_origin(block)
+        v = self.version.get(orig, 0) + 1
+        path = self.work / f"b{orig:04d}-v{v:04d}.safetensors"
+        save_tensors_atomic(block.state_dict(), path)
+        old = self.changed.get(orig)
+        self.changed[orig] = (path, block_spec(self.adapter, block))
+        self.version[orig] = v
+        if old is not None:
+            old[0].unlink(missing_ok=True)
+
+    @contextlib.contextmanager
+    def resident(self, blocks: Sequence[nn.Module], *, save: Sequence[nn.Module] = ()) -> Iterator[None]:
+        """Blocks materialised (and pinned) inside the context; ``save`` ones are persisted on the way out."""
+        for b in blocks:
+            self.load(b)
+            self.pins[id(b)] = self.pins.get(id(b), 0) + 1
+        try:
+            yield
+        finally:
+            for b in save:
+                self.save(b)
+            for b in blocks:
+                self.pins[id(b)] -= 1
+                if self.pins[id(b)] == 0:
+                    del self.pins[id(b)]
+                    self.release(b)
+
+    def close(self) -> None:
+        for path, _ in self.changed.values():
+            path.unlink(missing_ok=True)
+        self.changed.clear()
