@@ -56,6 +56,23 @@ def tiny_model(family: str, num_layers: int = 6, seed: int = 0, attn: str = "eag
     return model.eval()
 
 
+def final_hidden_without(model, ids, skip):
+    """Brute force: a deep copy with block `skip` removed; the input of the final norm, captured by a hook."""
+    import copy
+
+    from fusegpt.adapters import get_adapter
+
+    m = copy.deepcopy(model)
+    if skip is not None:
+        get_adapter(m).remove_blocks([skip])
+    got = {}
+    h = m.model.norm.register_forward_hook(lambda mod, inp, out: got.setdefault("h", inp[0]))
+    with torch.no_grad():
+        m.model(input_ids=ids, use_cache=False)
+    h.remove()
+    return got["h"]
+
+
 @pytest.fixture(params=FAMILIES)
 def family(request):
     return request.param

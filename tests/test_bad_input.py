@@ -99,6 +99,14 @@ def test_sparsity_leaving_no_block(tiny_folder, tmp_path, capsys, no_load):
     assert not (tmp_path / "o").exists()
 
 
+@pytest.mark.parametrize("argv,msg", [(["--cache-entries", "2"], "--cache-entries must be 0"),
+                                      (["--diverge-factor", "0.5"], "--diverge-factor must be 0"),
+                                      (["--offload", "ram"], "invalid choice: 'ram'")])
+def test_memory_and_divergence_options(tiny_folder, tmp_path, capsys, argv, msg, no_load):
+    _refused(_compress(tiny_folder, tmp_path / "o", "--remove", "1", *argv), capsys, msg)
+    assert not (tmp_path / "o").exists()
+
+
 def test_unknown_config_keys(tiny_folder, tmp_path, capsys, no_load):
     bad = tmp_path / "bad.yaml"
     bad.write_text("epoch: 3\n")

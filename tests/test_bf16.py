@@ -6,7 +6,6 @@ explicitly, so the bf16 arithmetic is exercised whatever ``auto`` would choose h
 ``auto`` (the Makefile runs the suite once with each value).
 """
 
-import copy
 
 import pytest
 import torch
@@ -20,7 +19,7 @@ from fusegpt.config import CompressConfig
 from fusegpt.export import export_model
 from fusegpt.scoring import macro_influence_scores
 
-from conftest import random_ids, tiny_model
+from conftest import final_hidden_without, random_ids, tiny_model
 
 CPU = torch.device("cpu")
 IDS = random_ids(4, 16, seed=3)
@@ -46,18 +45,6 @@ def test_auto_measures_when_not_forced(monkeypatch, fp32, bf16, want):
     assert dev.choose_compute_dtype(CPU, "auto") == want
 
 
-def _final_hidden_without(model, ids, skip):
-    m = copy.deepcopy(model)
-    if skip is not None:
-        get_adapter(m).remove_blocks([skip])
-    got = {}
-    h = m.model.norm.register_forward_hook(lambda mod, inp, out: got.setdefault("h", inp[0]))
-    with torch.no_grad():
-        m.model(input_ids=ids, use_cache=False)
-    h.remove()
-    return got["h"]
-
-
 def _mi(model, dtype):
     runner = Runner.for_model(get_adapter(model), 16, device=CPU, batch_size=2, compute_dtype=dtype)
     return macro_influence_scores(ActivationCache(runner, IDS), desc=None)
@@ -66,8 +53,8 @@ def _mi(model, dtype):
 @pytest.mark.parametrize("family", ["llama", "gemma3"])
 def test_bf16_macro_influence_close_to_fp32_brute_force(family):
     model = tiny_model(family)
-    full = _final_hidden_without(model, IDS, None)
-    brute = [1 - F.cosine_similarity(full, _final_hidden_without(model, IDS, i), dim=-1).mean().item()
+    full = final_hidden_without(model, IDS, None)
+    brute = [1 - F.cosine_similarity(full, final_hidden_without(model, IDS, i), dim=-1).mean().item()
              for i in range(6)]
     bf16 = _mi(model, torch.bfloat16)
     fp32 = _mi(model, None)

@@ -13,22 +13,9 @@ from fusegpt.config import CompressConfig, ConfigError, num_removals
 from fusegpt.distill import get_loss, group_window, train_group, ParamGroup, TrainSettings
 from fusegpt.scoring import macro_influence_scores
 
-from conftest import random_ids, tiny_model
+from conftest import final_hidden_without, random_ids, tiny_model
 
 CPU = torch.device("cpu")
-
-
-def _final_hidden_without(model, ids, skip):
-    """Brute force: a deep copy with block `skip` removed; the input of the final norm, captured by a hook."""
-    m = copy.deepcopy(model)
-    if skip is not None:
-        get_adapter(m).remove_blocks([skip])
-    got = {}
-    h = m.model.norm.register_forward_hook(lambda mod, inp, out: got.setdefault("h", inp[0]))
-    with torch.no_grad():
-        m.model(input_ids=ids, use_cache=False)
-    h.remove()
-    return got["h"]
 
 
 def test_cached_mi_equals_brute_force(family):
@@ -37,8 +24,8 @@ def test_cached_mi_equals_brute_force(family):
     runner = Runner.for_model(get_adapter(model), 16, device=CPU, batch_size=2)
     cache = ActivationCache(runner, ids)
     scores = macro_influence_scores(cache, desc=None)
-    full = _final_hidden_without(model, ids, None)
-    brute = [1 - F.cosine_similarity(full, _final_hidden_without(model, ids, i), dim=-1).mean().item()
+    full = final_hidden_without(model, ids, None)
+    brute = [1 - F.cosine_similarity(full, final_hidden_without(model, ids, i), dim=-1).mean().item()
              for i in range(6)]
     assert scores == pytest.approx(brute, rel=1e-4, abs=1e-6)
 
@@ -424,7 +411,7 @@ def test_memory_formula_does_not_depend_on_depth():
 
     kw = dict(n=128, s=8, t=1024, hidden=576, intermediate=1536, heads=9, group=7, batch=4, cache_entries=4,
               cache_bytes=4,
-              offload="cpu", trainable=18_000_000, receiver_linear_params=7 * 3_500_000)
+              offload="cpu", trainable=18_000_000, receiver_linear_params=7 * 3_500_000, largest_linear=884_736)
     est = estimate_memory(**kw, grad_checkpoint=False)
     assert est.cache == 4 * (128 + 8) * 1024 * 576 * 4  # R x (N + S) x T x H x bytes
     assert est.group == 128 * 1024 * 576 * 4

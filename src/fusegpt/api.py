@@ -214,12 +214,14 @@ def _memory_plan(adapter, config: CompressConfig, compute: torch.dtype | None) -
               cache_bytes=torch.empty((), dtype=cache_dtype).element_size(), offload=config.offload,
               trainable=g * trainable_params(lins, norms, coef=config.coef, coef_rank=config.coef_rank,
                                              lora_rank=config.lora_rank, train=config.train),
-              receiver_linear_params=g * sum(o * i for o, i, _ in lins))
+              receiver_linear_params=g * sum(o * i for o, i, _ in lins), largest_linear=max(o * i for o, i, _ in lins))
     off = estimate_memory(**kw, grad_checkpoint=False)
+    with_ckpt = estimate_memory(**kw, grad_checkpoint=True)
+    # auto: checkpoint when it saves more than 1 GiB (activations, attention matrices and the fused weights'
+    # temporaries of every student block; the last dominate on large models)
     on = config.grad_checkpoint == "on" or (
-        config.grad_checkpoint == "auto"
-        and g * config.batch_size * config.seqlen * off.activations_per_token_block > AUTO_CHECKPOINT_BYTES)
-    plan = estimate_memory(**kw, grad_checkpoint=on) if on else off
+        config.grad_checkpoint == "auto" and off.training - with_ckpt.training > AUTO_CHECKPOINT_BYTES)
+    plan = with_ckpt if on else off
     plan.inputs = {**kw, "grad_checkpoint": on}
     log.info("memory plan: %.2f GiB over the baseline (cache %.2f, group %.2f, training %.2f); gradient "
              "checkpointing %s", plan.total / 2**30, plan.cache / 2**30, plan.group / 2**30, plan.training / 2**30,

@@ -200,8 +200,8 @@ _CONFIG_FLAGS = [
     ("--offload", str, "where cached activations wait: cpu (RAM, default) or disk (files in a work folder in --out)"),
     ("--cache-entries", int, "activation-cache entries kept per cache, >= 3 (default 4; 0 = all, unbounded)"),
     ("--cache-dtype", str, "storage dtype of cached activations: auto (= compute dtype, default) or fp32"),
-    ("--grad-checkpoint", str, "recompute block forwards in backward: auto (on when the group's activations would "
-                               "exceed 1 GiB), on or off"),
+    ("--grad-checkpoint", str, "recompute block forwards in backward: auto (on when that saves more than 1 GiB), "
+                               "on or off"),
     ("--laco-layers", int, "laco: consecutive layers merged into one (C, default 4)"),
     ("--laco-interval", int, "laco: layers skipped after an accepted merge (I, default 2)"),
     ("--laco-threshold", float, "laco: accept a merge while the hidden-state cosine stays above T (default 0.65)"),

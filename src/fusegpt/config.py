@@ -93,8 +93,8 @@ class CompressConfig:
     offload: Literal["cpu", "disk"] = "cpu"
     cache_entries: int = 4
     cache_dtype: Literal["auto", "fp32"] = "auto"
-    # recompute each student block's forward in backward: on, off, or auto (on when the group's autograd
-    # activations would exceed 1 GiB; same arithmetic, ~1 extra forward per step)
+    # recompute each student block's forward in backward: on, off, or auto (on when that saves more than 1 GiB of
+    # training memory by the formula; same arithmetic, ~1 extra forward per step)
     grad_checkpoint: Literal["auto", "on", "off"] = "auto"
     preset: str | None = None
 
@@ -140,7 +140,7 @@ class CompressConfig:
         need(self.heal_from not in ("heal-lora",), "--heal-from must name a removal method, not heal-lora")
         need(self.offload in OFFLOADS, f"--offload must be one of {OFFLOADS}, got {self.offload!r}")
         need(self.cache_entries == 0 or self.cache_entries >= 3,
-             f"--cache-entries must be 0 (keep all) or >= 3 (embeddings, a checkpoint, the latest), "
+             f"--cache-entries must be 0 (keep all) or >= 3 (checkpoints and the latest entry), "
              f"got {self.cache_entries}")
         need(self.cache_dtype in ("auto", "fp32"), f"--cache-dtype must be auto or fp32, got {self.cache_dtype!r}")
         need(self.grad_checkpoint in ("auto", "on", "off"),

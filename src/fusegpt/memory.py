@@ -27,7 +27,7 @@ __all__ = [
     "MemoryEstimate", "estimate_memory", "activation_bytes_per_token", "trainable_params", "AUTO_CHECKPOINT_BYTES",
 ]
 
-# --grad-checkpoint auto switches it on when the group's autograd activations would exceed this
+# --grad-checkpoint auto switches it on when it would save more than this much memory
 AUTO_CHECKPOINT_BYTES = 1 << 30
 
 
@@ -84,7 +84,7 @@ def activation_bytes_per_token(hidden: int, intermediate: int, bytes_per: int = 
 def estimate_memory(
     *, n: int, s: int, t: int, hidden: int, intermediate: int, heads: int, group: int, batch: int,
     cache_entries: int | None, cache_bytes: int, offload: str, trainable: int, receiver_linear_params: int,
-    grad_checkpoint: bool, calib_resident: int | None = None, score_resident: int | None = None,
+    largest_linear: int, grad_checkpoint: bool, calib_resident: int | None = None, score_resident: int | None = None,
 ) -> MemoryEstimate:
     """The formula of the module docstring.
 
@@ -102,9 +102,10 @@ def estimate_memory(
     att = batch * heads * t * t * 4  # one block's attention matrix (fp32)
     w_block = receiver_linear_params // max(group, 1)
     if grad_checkpoint:
-        # every student block's input is kept; one block at a time is recomputed with its activations, attention
-        # matrices (scores, probabilities and their gradients) and fused-weight temporaries (7 x out x in)
-        training = 16 * trainable + group * tokens * hidden * 4 + tokens * per_tok + 4 * att + 28 * w_block
+        # every student block's input is kept; one block at a time is recomputed with its activations and attention
+        # matrices (scores, probabilities and their gradients); the fused layers are checkpointed too, so their
+        # weight temporaries (7 x out x in) exist for one layer at a time
+        training = 16 * trainable + group * tokens * hidden * 4 + tokens * per_tok + 4 * att + 28 * largest_linear
     else:
         # every block keeps its activations, attention probabilities and fused-weight terms (4 x out x in) for
         # backward; one block's backward adds three attention-sized and three weight-sized gradients

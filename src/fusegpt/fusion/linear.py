@@ -12,6 +12,7 @@ from typing import Iterator
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import nn
 
 from .math import fused_bias, fused_weight
@@ -93,6 +94,9 @@ class FusedLinear(nn.Module):
             self.lora_A = self.lora_B = None
         self.coefs = nn.ModuleList()
         self.num_donors = 0
+        # recompute the effective weight in backward instead of keeping it (with gradient checkpointing: the
+        # fused weights' temporaries then exist for one layer at a time, not for every layer of the group)
+        self.checkpoint = False
         self._cache: tuple | None = None  # (key, weight, bias) reused by no-grad forwards
 
     # ---- donors -------------------------------------------------------------------------------------------
@@ -141,6 +145,12 @@ class FusedLinear(nn.Module):
                     self._cache = (key, self.effective_weight(), self.effective_bias())
             return F.linear(x, self._cache[1], self._cache[2])
         self._cache = None
+        if self.checkpoint:
+            # keep only x for backward; W_eff and its terms are formed again there, one layer at a time
+            return torch.utils.checkpoint.checkpoint(self._forward_grad, x, use_reentrant=False)
+        return self._forward_grad(x)
+
+    def _forward_grad(self, x: torch.Tensor) -> torch.Tensor:
         with torch.autocast(device_type=x.device.type, enabled=False):
             w = self.effective_weight()
             b = self.effective_bias()

@@ -13,7 +13,7 @@ from torch import nn
 
 from .. import faults
 from ..distill import ParamGroup, TrainSettings, group_loss, group_window, train_group
-from ..fusion import FusedLinear, inject_donor, merge_fused_linears
+from ..fusion import FusedLinear, fused_linears, inject_donor, merge_fused_linears
 from ..scoring import macro_influence_scores, output_similarity
 from .base import Job, StepReport, register_method
 
@@ -144,6 +144,9 @@ def _fuse_and_distill(job: Job, step: int, p: int, recv: list[int], span: list[i
     skinds = [kinds[i] for i in span if i != p]
     inject_donor(ad, blocks[p], receiving, coef_kind=cfg.coef, coef_rank=cfg.coef_rank,
                  lora_rank=0 if cfg.train == "full" else cfg.lora_rank, generator=job.generator)
+    for block in receiving:
+        for _, fl in fused_linears(block):
+            fl.checkpoint = runner.grad_checkpoint
     before, mse_before = _group_losses(job, student, skinds, x[:S], y[:S], sec)
     faults.point("train", step)
     settings = TrainSettings(loss=cfg.loss, epochs=cfg.epochs, batch_size=cfg.batch_size, betas=tuple(cfg.betas),
