@@ -418,5 +418,6 @@ def test_memory_formula_does_not_depend_on_depth():
     assert est.activations_per_token_block == (9 * 576 + 4 * 1536) * 4
     on = estimate_memory(**kw, grad_checkpoint=True)
     assert on.training < est.training and on.cache == est.cache
-    disk = estimate_memory(**{**kw, "offload": "disk"}, grad_checkpoint=True)
+    disk = estimate_memory(**{**kw, "offload": "disk"}, grad_checkpoint=True, block_bytes=14_000_000)
     assert disk.cache == 128 * 1024 * 576 * 4 < on.cache
+    assert disk.group == est.group + 9 * 14_000_000  # the loaded span (G + 1) and the donor

@@ -214,7 +214,8 @@ def _memory_plan(adapter, config: CompressConfig, compute: torch.dtype | None) -
               cache_bytes=torch.empty((), dtype=cache_dtype).element_size(), offload=config.offload,
               trainable=g * trainable_params(lins, norms, coef=config.coef, coef_rank=config.coef_rank,
                                              lora_rank=config.lora_rank, train=config.train),
-              receiver_linear_params=g * sum(o * i for o, i, _ in lins), largest_linear=max(o * i for o, i, _ in lins))
+              receiver_linear_params=g * sum(o * i for o, i, _ in lins), largest_linear=max(o * i for o, i, _ in lins),
+              block_bytes=4 * sum(p.numel() for p in block.parameters()))
     off = estimate_memory(**kw, grad_checkpoint=False)
     with_ckpt = estimate_memory(**kw, grad_checkpoint=True)
     # auto: checkpoint when it saves more than 1 GiB (activations, attention matrices and the fused weights'

@@ -85,6 +85,7 @@ def estimate_memory(
     *, n: int, s: int, t: int, hidden: int, intermediate: int, heads: int, group: int, batch: int,
     cache_entries: int | None, cache_bytes: int, offload: str, trainable: int, receiver_linear_params: int,
     largest_linear: int, grad_checkpoint: bool, calib_resident: int | None = None, score_resident: int | None = None,
+    block_bytes: int = 0,
 ) -> MemoryEstimate:
     """The formula of the module docstring.
 
@@ -97,6 +98,9 @@ def estimate_memory(
     rc = r if calib_resident is None else calib_resident
     rs = r if score_resident is None else score_resident
     cache = n * entry if offload == "disk" else rc * n * entry + rs * s * entry
+    # offload disk: the baseline holds no block; a step loads the span (G + 1 blocks) and keeps the donor's weights
+    # in the receivers (one block's linears, shared); with offload cpu both are part of the baseline
+    loaded = (group + 2) * block_bytes if offload == "disk" else 0
     per_tok = activation_bytes_per_token(hidden, intermediate)
     tokens = batch * t
     att = batch * heads * t * t * 4  # one block's attention matrix (fp32)
@@ -110,5 +114,5 @@ def estimate_memory(
         # every block keeps its activations, attention probabilities and fused-weight terms (4 x out x in) for
         # backward; one block's backward adds three attention-sized and three weight-sized gradients
         training = 16 * trainable + group * (tokens * per_tok + att + 16 * w_block) + 3 * att + 12 * w_block
-    return MemoryEstimate(cache=cache, group=n * entry, training=training, scoring=3 * s * t * hidden * 4,
+    return MemoryEstimate(cache=cache, group=n * entry + loaded, training=training, scoring=3 * s * t * hidden * 4,
                           activations_per_token_block=per_tok, grad_checkpoint=grad_checkpoint)
