@@ -21,6 +21,7 @@ from torch import nn
 
 from .adapters import Adapter, BlockContext
 from .device import autocast
+from .offload import is_materialized
 
 __all__ = ["Runner", "ActivationCache"]
 
@@ -111,7 +112,7 @@ class Runner:
         """
         if len(blocks) != len(kinds):
             raise ValueError("blocks and kinds differ in length")
-        if self.store is not None and len(blocks) > 1 and not all(_materialized(b) for b in blocks):
+        if self.store is not None and len(blocks) > 1 and not all(is_materialized(b) for b in blocks):
             # offloaded blocks: one block at a time over all sequences, so only that block is loaded
             for block, kind in zip(blocks, kinds):
                 hidden = self.run([block], [kind], hidden)
@@ -135,10 +136,6 @@ class Runner:
         blocks = list(self.adapter.blocks)[start:stop]
         kinds = self.adapter.block_kinds()[start:stop]
         return self.run(blocks, kinds, hidden) if blocks else hidden
-
-
-def _materialized(module: nn.Module) -> bool:
-    return not any(p.is_meta for p in module.parameters())
 
 
 class _DiskEntries:

@@ -20,19 +20,13 @@ from .report import atomic_write_bytes, to_jsonable
 log = logging.getLogger(__name__)
 
 __all__ = [
-    "RunMismatchError", "fingerprint", "atomic_write_bytes", "atomic_write_json", "RecordLog", "settings_diff",
+    "RunMismatchError", "atomic_write_bytes", "atomic_write_json", "RecordLog", "settings_diff",
     "check_settings", "file_fingerprint",
 ]
 
 
 class RunMismatchError(ValueError):
     """A run folder was started with other settings than the ones given to resume it."""
-
-
-def fingerprint(obj: Any) -> str:
-    """sha256 of the canonical JSON of ``obj`` (dataclasses, tuples and paths made JSON-safe)."""
-    text = json.dumps(to_jsonable(obj), sort_keys=True, separators=(",", ":"))
-    return hashlib.sha256(text.encode()).hexdigest()
 
 
 def file_fingerprint(paths: Iterable[Path]) -> str:
@@ -81,11 +75,6 @@ class RecordLog:
                                 self.path, n)
                     break
         return out
-
-    def rewrite(self, records: list[Any]) -> None:
-        """Replace the log atomically (after dropping damaged or superseded records)."""
-        text = "".join(json.dumps(to_jsonable(r), separators=(",", ":")) + "\n" for r in records)
-        atomic_write_bytes(self.path, text.encode())
 
 
 def settings_diff(old: dict, new: dict, keys: Iterable[str] | None = None) -> list[str]:

@@ -24,25 +24,16 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from ..fusion.inject import block_spec, rebuild_block
+from ..offload import save_tensors_atomic
 from ..runs import RecordLog, atomic_write_json, check_settings
 from .base import Job, StepReport
 
 log = logging.getLogger(__name__)
 
 __all__ = ["Checkpoint"]
-
-
-def _save_atomic(tensors: dict[str, torch.Tensor], path: Path) -> None:
-    """safetensors file written to a temporary name, fsync'ed, renamed (never a half-written block file)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    save_file(tensors, tmp)
-    with open(tmp, "rb+") as fh:
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
 
 
 _FLOAT_FIELDS = ("loss_before", "loss_after", "mse_before", "mse_after")
@@ -103,7 +94,7 @@ class Checkpoint:
             with job.runner.resident([blocks[cur]]):  # offloaded blocks: read back from the work folder
                 state = {k: v.detach().contiguous().cpu() for k, v in blocks[cur].state_dict().items()}
                 spec = block_spec(job.adapter, blocks[cur])
-            _save_atomic(state, self.folder / "blocks" / name)
+            save_tensors_atomic(state, self.folder / "blocks" / name)
             files[str(orig)] = {"file": name, "spec": spec}
         previous = self.log.read()
         self.log.append({"step": rep.step, "report": rep, "blocks": files,
