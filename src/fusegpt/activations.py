@@ -23,7 +23,12 @@ from .adapters import Adapter, BlockContext
 from .device import autocast
 from .offload import is_materialized
 
-__all__ = ["Runner", "ActivationCache"]
+__all__ = ["Runner", "ActivationCache", "cache_dtype"]
+
+
+def cache_dtype(setting: str, compute: torch.dtype | None) -> torch.dtype:
+    """Storage dtype of cached activations: ``auto`` = the compute dtype (fp32 when computing in fp32)."""
+    return compute if setting == "auto" and compute is not None else torch.float32
 
 
 @dataclass
@@ -218,12 +223,14 @@ class ActivationCache:
         self.max_resident = max_resident
         self.input_ids = input_ids
         self.store = _DiskEntries(Path(disk)) if disk is not None else _MemoryEntries()
-        first = runner.embed(input_ids)
-        self.dtype = dtype or first.dtype
-        self.shape = tuple(first.shape)
-        if max_resident is None:  # bounded caches recompute the embeddings when needed (cheap)
+        if max_resident is None:
+            first = runner.embed(input_ids)
+            self.dtype = dtype or first.dtype
             self.store.put(0, first.to(self.dtype))
-        del first
+        else:  # bounded caches recompute the embeddings when needed (cheap): one window gives shape and dtype
+            first = runner.embed(input_ids[:1])
+            self.dtype = dtype or first.dtype
+        self.shape = (*input_ids.shape, first.shape[-1])
         self.recent: int | None = None  # index of the most recent non-checkpoint entry
         self.computed_blocks = 0  # block forwards (over all sequences) run to fill entries
 

@@ -13,7 +13,7 @@ from typing import Any, Callable
 
 import torch
 
-from .activations import Runner
+from .activations import Runner, cache_dtype
 from .adapters import check_supported, get_adapter
 from .config import CompressConfig, ConfigError, num_removals
 from .data import check_window_count, load_text, sample_windows, tokenize_text
@@ -205,13 +205,13 @@ def _memory_plan(adapter, config: CompressConfig, compute: torch.dtype | None) -
     lins = [(m.out_features, m.in_features, m.bias is not None) for m in adapter.block_linears(block).values()]
     norms = sum(p.numel() for n, p in block.named_parameters() if "norm" in n)
     g = config.group_size if config.method != "fusegpt-global" else config.global_receivers
-    cache_dtype = compute if config.cache_dtype == "auto" and compute is not None else torch.float32
+    stored = cache_dtype(config.cache_dtype, compute)
     text = adapter.config.get_text_config() if hasattr(adapter.config, "get_text_config") else adapter.config
     kw = dict(n=config.nsamples, s=config.score_samples, t=config.seqlen, hidden=text.hidden_size,
               intermediate=getattr(text, "intermediate_size", 4 * text.hidden_size),
               heads=text.num_attention_heads, group=g,
               batch=config.batch_size, cache_entries=config.cache_entries or None,
-              cache_bytes=torch.empty((), dtype=cache_dtype).element_size(), offload=config.offload,
+              cache_bytes=torch.empty((), dtype=stored).element_size(), offload=config.offload,
               trainable=g * trainable_params(lins, norms, coef=config.coef, coef_rank=config.coef_rank,
                                              lora_rank=config.lora_rank, train=config.train),
               receiver_linear_params=g * sum(o * i for o, i, _ in lins), largest_linear=max(o * i for o, i, _ in lins),

@@ -10,7 +10,7 @@ from typing import Any, Callable, Iterator
 
 import torch
 
-from ..activations import ActivationCache, Runner
+from ..activations import ActivationCache, Runner, cache_dtype
 from ..adapters import Adapter
 from ..config import CompressConfig
 
@@ -57,9 +57,6 @@ class RunState:
         """Current index of an original block (ValueError if it was removed)."""
         return self.orig.index(original)
 
-    def originals(self, current: list[int]) -> list[int]:
-        return [self.orig[i] for i in current]
-
 
 @dataclass
 class Job:
@@ -96,7 +93,7 @@ class Job:
         """The activation cache ``name`` over ``input_ids``, kept across steps (created on first use)."""
         if name not in self.state.caches:
             cfg, runner = self.config, self.runner
-            dtype = runner.compute_dtype if cfg.cache_dtype == "auto" and runner.compute_dtype else torch.float32
+            dtype = cache_dtype(cfg.cache_dtype, runner.compute_dtype)
             disk = None
             if cfg.offload == "disk":
                 if self.work_dir is None:
