@@ -11,10 +11,11 @@ MLP width I), the group (G receivers, mini-batch B) and the cache policy (R resi
   activations of a mini-batch, a = (9 H + 4 I) x 4 bytes per token and block (two RMSNorm inputs and outputs,
   the SDPA inputs q, k, v and output with k/v repeated to H, the attention output, the MLP's gate, up, SiLU and
   product); the attention matrix of a block, B x heads x T x T x 4 (scores and probabilities in the forward, their
-  gradients in the backward); the fused weights' temporaries, out x in x 4 bytes per receiving linear (W_eff and
-  the three terms it is summed from, three gradients in the backward). Without gradient checkpointing every
-  student block keeps its activations, probabilities and weight terms; with it, every block keeps its input
-  (B x T x H x 4) and one block at a time holds the rest;
+  gradients in the backward); the fused weights (``fusion.math.fused_linear``): W_eff, out x in x 4 bytes per
+  receiving linear, kept for backward, and, for one layer at a time, the terms it is formed from and the two
+  weight-sized gradients of its backward (G = g^T x and G ⊙ D), at most four out x in x 4 bytes. Without gradient
+  checkpointing every student block keeps its activations, probabilities and W_eff; with it, every block keeps its
+  input (B x T x H x 4), one block at a time holds the rest, and W_eff is formed again in backward (not kept);
 - scoring: the full and the skipped final hidden states of the S scoring windows and one running copy
   (3 x S x T x H x 4).
 """
@@ -107,12 +108,12 @@ def estimate_memory(
     w_block = receiver_linear_params // max(group, 1)
     if grad_checkpoint:
         # every student block's input is kept; one block at a time is recomputed with its activations and attention
-        # matrices (scores, probabilities and their gradients); the fused layers are checkpointed too, so their
-        # weight temporaries (7 x out x in) exist for one layer at a time
-        training = 16 * trainable + group * tokens * hidden * 4 + tokens * per_tok + 4 * att + 28 * largest_linear
+        # matrices (scores, probabilities and their gradients); W_eff is not kept, so the fused weights' temporaries
+        # (4 x out x in) exist for one layer at a time
+        training = 16 * trainable + group * tokens * hidden * 4 + tokens * per_tok + 4 * att + 16 * largest_linear
     else:
-        # every block keeps its activations, attention probabilities and fused-weight terms (4 x out x in) for
-        # backward; one block's backward adds three attention-sized and three weight-sized gradients
-        training = 16 * trainable + group * (tokens * per_tok + att + 16 * w_block) + 3 * att + 12 * w_block
+        # every block keeps its activations, attention probabilities and W_eff for backward; one block's backward
+        # adds three attention-sized gradients, and one layer at a time its weight temporaries (4 x out x in)
+        training = 16 * trainable + group * (tokens * per_tok + att + 4 * w_block) + 3 * att + 16 * largest_linear
     return MemoryEstimate(cache=cache, group=n * entry + loaded, training=training, scoring=3 * s * t * hidden * 4,
                           activations_per_token_block=per_tok, grad_checkpoint=grad_checkpoint)

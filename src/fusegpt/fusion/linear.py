@@ -12,10 +12,9 @@ from typing import Iterator
 
 import torch
 import torch.nn.functional as F
-import torch.utils.checkpoint
 from torch import nn
 
-from .math import fused_bias, fused_weight
+from .math import coef_value, fused_bias, fused_linear, fused_weight
 
 __all__ = ["COEF_KINDS", "FusionCoefficient", "FusedLinear", "NonFiniteWeightError"]
 
@@ -70,9 +69,7 @@ class FusionCoefficient(nn.Module):
 
     def value(self) -> torch.Tensor:
         """C, broadcastable to [out, in]."""
-        if self.kind == "lowrank":
-            return self.coef_B @ self.coef_A
-        return self.coef
+        return coef_value(self.kind, (self.coef_B, self.coef_A) if self.kind == "lowrank" else (self.coef,))
 
 
 class FusedLinear(nn.Module):
@@ -94,8 +91,7 @@ class FusedLinear(nn.Module):
             self.lora_A = self.lora_B = None
         self.coefs = nn.ModuleList()
         self.num_donors = 0
-        # recompute the effective weight in backward instead of keeping it (with gradient checkpointing: the
-        # fused weights' temporaries then exist for one layer at a time, not for every layer of the group)
+        # form the effective weight again in backward instead of keeping it (with gradient checkpointing)
         self.checkpoint = False
         self._cache: tuple | None = None  # (key, weight, bias) reused by no-grad forwards
 
@@ -145,16 +141,12 @@ class FusedLinear(nn.Module):
                     self._cache = (key, self.effective_weight(), self.effective_bias())
             return F.linear(x, self._cache[1], self._cache[2])
         self._cache = None
-        if self.checkpoint:
-            # keep only x for backward; W_eff and its terms are formed again there, one layer at a time
-            return torch.utils.checkpoint.checkpoint(self._forward_grad, x, use_reentrant=False)
-        return self._forward_grad(x)
-
-    def _forward_grad(self, x: torch.Tensor) -> torch.Tensor:
-        with torch.autocast(device_type=x.device.type, enabled=False):
-            w = self.effective_weight()
-            b = self.effective_bias()
-        return F.linear(x, w, b)
+        # the same W_eff through a backward that forms one weight-sized gradient (fusion.math.fused_linear); with
+        # checkpointing W_eff is not kept but formed again in backward, one layer at a time
+        lora = (self.lora_B, self.lora_A) if self.lora_A is not None else None
+        donors = [(c.kind, (c.coef_B, c.coef_A) if c.kind == "lowrank" else (c.coef,), c.coef_bias, d, db)
+                  for c, d, db in self.donors()]
+        return fused_linear(x, self.weight, self.bias, lora, donors, save_weight=not self.checkpoint)
 
     # ---- parameter groups ---------------------------------------------------------------------------------
     def coefficient_parameters(self) -> list[nn.Parameter]:

@@ -13,7 +13,7 @@ from typing import Sequence
 
 import torch
 
-__all__ = ["fused_weight", "fused_bias", "rdsc_merge", "average_merge"]
+__all__ = ["fused_weight", "fused_bias", "fused_linear", "coef_value", "rdsc_merge", "average_merge"]
 
 
 def fused_weight(
@@ -65,3 +65,157 @@ def average_merge(tensors: Sequence[torch.Tensor], weights: Sequence[float] | No
     for w, t in zip(weights, tensors):
         out += w * t.detach()
     return out
+
+
+# ---- the fused linear map with a memory-lean backward ------------------------------------------------------------
+# Autograd through ``F.linear(x, fused_weight(...))`` keeps, per layer, the effective weight and the dense coefficient
+# C = C_B C_A for backward, and forms several [out, in] temporaries (B A, C, C ⊙ D and their sums; as many gradients
+# in backward). ``fused_linear`` computes the same map and the same gradients from x and the small factors: it keeps
+# x (and, unless ``save_weight`` is False, W_eff), and backward forms one weight-sized gradient G = g^T x from which
+# every factor's gradient follows (dW = G, dB = G A^T, dA = B^T G, per donor dC = G ⊙ D, reduced to the coefficient's
+# shape, dC_B = dC C_A^T, dC_A = C_B^T dC; db = sum g, dc = db ⊙ d).
+
+def coef_value(kind: str, coef: Sequence[torch.Tensor]) -> torch.Tensor:
+    """A coefficient's value broadcastable to [out, in]: ``lowrank`` = C_B @ C_A, otherwise the tensor itself."""
+    return coef[0] @ coef[1] if kind == "lowrank" else coef[0]
+
+
+def _unpack(layout: tuple, ts: Sequence[torch.Tensor | None]):
+    has_bias, has_lora, donors = layout
+    it = iter(ts)
+    w = next(it)
+    b = next(it) if has_bias else None
+    lora = (next(it), next(it)) if has_lora else None
+    out = []
+    for kind, dbias in donors:
+        coef = (next(it), next(it)) if kind == "lowrank" else (next(it),)
+        cb = next(it) if dbias else None
+        d = next(it)
+        db = next(it) if dbias else None
+        out.append((kind, coef, cb, d, db))
+    return w, b, lora, out
+
+
+def _effective(w, b, lora, donors):
+    weight = fused_weight(w, lora, [(coef_value(k, c), d) for k, c, _, d, _ in donors])
+    bias = fused_bias(b, [(cb, db) for _, _, cb, _, db in donors if db is not None])
+    return weight, bias
+
+
+def _reduce_to(grad: torch.Tensor, kind: str) -> torch.Tensor:
+    if kind == "scalar":
+        return grad.sum().reshape(1, 1)
+    if kind == "vector":
+        return grad.sum(1, keepdim=True)
+    return grad
+
+
+class _FusedLinearFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, layout, save_weight, *ts):
+        w, b, lora, donors = _unpack(layout, ts)
+        with torch.no_grad():
+            weight, bias = _effective(w, b, lora, donors)
+        dev = x.device.type
+        # the dtype F.linear would compute in (autocast's when it is on, else the input's), applied explicitly so
+        # backward, which runs outside autocast, uses the same one
+        cdt = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
+        xc = x.to(cdt)
+        with torch.autocast(device_type=dev, enabled=False):
+            y = torch.nn.functional.linear(xc, weight.to(cdt), None if bias is None else bias.to(cdt))
+        ctx.layout, ctx.cdt, ctx.x_dtype = layout, cdt, x.dtype
+        ctx.save_for_backward(xc, weight if save_weight else None, *ts)
+        return y
+
+    @staticmethod
+    def backward(ctx, g):
+        xc, weight, *ts = ctx.saved_tensors
+        layout, cdt = ctx.layout, ctx.cdt
+        w, b, lora, donors = _unpack(layout, ts)
+        need = ctx.needs_input_grad[3:]
+        gx = None
+        if ctx.needs_input_grad[0]:
+            if weight is None:
+                with torch.no_grad():
+                    weight, _ = _effective(w, b, lora, donors)
+            gx = (g @ weight.to(cdt)).to(ctx.x_dtype)
+        weight = None
+        g2 = g.reshape(-1, g.shape[-1])
+        grads: list[torch.Tensor | None] = [None] * len(ts)
+        i = 0
+
+        def take(n):  # positions of the next n tensors in ``ts``
+            nonlocal i
+            i += n
+            return range(i - n, i)
+
+        gw = gb = None
+        bias_needed = any(need[j] for j in range(len(ts))) and b is not None
+        if any(need):
+            gw = (g2.t() @ xc.reshape(-1, xc.shape[-1])).to(w.dtype)
+            if bias_needed:
+                gb = g2.sum(0).to(b.dtype)
+        (iw,) = take(1)
+        if need[iw]:
+            grads[iw] = gw
+        if b is not None:
+            (ib,) = take(1)
+            if need[ib]:
+                grads[ib] = gb
+        if lora is not None:
+            ilb, ila = take(2)
+            lb, la = lora
+            if need[ilb]:
+                grads[ilb] = gw @ la.t()
+            if need[ila]:
+                grads[ila] = lb.t() @ gw
+        for kind, coef, cb, d, db in donors:
+            ic = take(len(coef))
+            icb = take(1)[0] if cb is not None else None
+            take(1)  # donor weight: a buffer
+            if db is not None:
+                take(1)
+            if any(need[j] for j in ic):
+                gc = gw * d
+                if kind == "lowrank":
+                    cB, cA = coef
+                    if need[ic[0]]:
+                        grads[ic[0]] = gc @ cA.t()
+                    if need[ic[1]]:
+                        grads[ic[1]] = cB.t() @ gc
+                else:
+                    grads[ic[0]] = _reduce_to(gc, kind)
+                del gc
+            if icb is not None and need[icb]:
+                grads[icb] = gb * db
+        return (gx, None, None, *grads)
+
+
+def fused_linear(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+    lora: tuple[torch.Tensor, torch.Tensor] | None,
+    donors: Sequence[tuple[str, Sequence[torch.Tensor], torch.Tensor | None, torch.Tensor, torch.Tensor | None]],
+    *, save_weight: bool = True,
+) -> torch.Tensor:
+    """x W_eff^T + b_eff with the gradients of every factor, without autograd's [out, in] temporaries.
+
+    ``donors``: (kind, coefficient tensors — (C,) or (C_B, C_A) —, coefficient bias or None, donor weight, donor
+    bias or None). ``save_weight=False`` recomputes W_eff in backward instead of keeping it (less memory, one more
+    weight formation per step). Follows autocast like ``F.linear``."""
+    ts: list[torch.Tensor] = [weight]
+    if bias is not None:
+        ts.append(bias)
+    if lora is not None:
+        ts.extend(lora)
+    spec = []
+    for kind, coef, cb, d, db in donors:
+        use_bias = cb is not None and db is not None
+        ts.extend(coef)
+        if use_bias:
+            ts.append(cb)
+        ts.append(d)
+        if use_bias:
+            ts.append(db)
+        spec.append((kind, use_bias))
+    layout = (bias is not None, lora is not None, tuple(spec))
+    return _FusedLinearFn.apply(x, layout, save_weight, *ts)
