@@ -75,3 +75,36 @@ def test_disk_offload_refuses_methods_that_need_all_weights(tiny_folder, tmp_pat
                  "--offload", "disk"]) == 2
     assert "--offload cpu" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+
+
+def test_mapped_weights_are_views_of_the_file_and_checked(tmp_path, tiny_folder, monkeypatch):
+    """Large non-block tensors in the compute dtype are zero-copy views of the checkpoint (equal values), other
+    dtypes and small tensors are left to be copied, and a NaN in a mapped tensor is refused at load."""
+    from safetensors.torch import save_file
+
+    import fusegpt.offload as offload
+    from fusegpt.models import ModelSourceError, load_model
+
+    f = tmp_path / "t.safetensors"
+    a, b, c = torch.randn(300, 200), torch.randn(3), torch.randn(300, 200).bfloat16()
+    save_file({"a": a, "b": b, "c": c}, f)
+    got = offload.map_safetensors(f, ["a", "b", "c", "missing"], torch.float32, min_bytes=1024)
+    assert set(got) == {"a"} and torch.equal(got["a"], a)
+    assert set(offload.map_safetensors(f, ["c"], torch.bfloat16, min_bytes=1024)) == {"c"}
+
+    monkeypatch.setattr(offload, "MAP_MIN_BYTES", 1024)
+    loaded = load_model(tiny_folder, blocks_on_disk=True)
+    emb = loaded.model.get_input_embeddings().weight
+    assert getattr(emb, offload.MAPPED_ATTR, False)
+    assert torch.equal(emb, _weights(tiny_folder)["model.embed_tokens.weight"])
+
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    for p in tiny_folder.iterdir():
+        if p.suffix != ".safetensors":
+            (bad / p.name).write_bytes(p.read_bytes())
+    w = _weights(tiny_folder)
+    w["model.embed_tokens.weight"][3, 5] = float("nan")
+    save_file(w, bad / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ModelSourceError, match="embed_tokens.*non-finite"):
+        load_model(bad, blocks_on_disk=True)

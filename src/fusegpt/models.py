@@ -204,7 +204,9 @@ def source_fingerprint(name: str | os.PathLike) -> str:
 def check_finite(model) -> None:
     """Refuse a model with NaN or infinite weights (a broken conversion or checkpoint), naming the tensors (blocks
     on the ``meta`` device are checked when they are loaded)."""
-    bad = [n for n, p in model.named_parameters() if not p.is_meta and not torch.isfinite(p).all()]
+    # memory-mapped weights were checked when they were mapped (reading them again would make them resident)
+    bad = [n for n, p in model.named_parameters()
+           if not p.is_meta and not getattr(p, "fusegpt_mapped", False) and not torch.isfinite(p).all()]
     if bad:
         more = f" and {len(bad) - 5} more" if len(bad) > 5 else ""
         raise ModelSourceError(
@@ -222,7 +224,7 @@ def _load_without_blocks(folder: Path, dtype: torch.dtype):
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from .adapters import get_adapter
-    from .offload import ORIGIN_ATTR
+    from .offload import MAPPED_ATTR, ORIGIN_ATTR, map_safetensors
 
     files = sorted(folder.glob("*.safetensors"))
     if not files:
@@ -234,13 +236,28 @@ def _load_without_blocks(folder: Path, dtype: torch.dtype):
     adapter = get_adapter(model)
     prefix = adapter.blocks_prefix + "."
     names = dict(model.named_parameters())
+    mapped: set[str] = set()
     for f in files:
         with safe_open(str(f), framework="pt") as fh:
-            for key in fh.keys():
-                if key.startswith(prefix) or key not in names:
-                    continue
-                set_module_tensor_to_device(model, key, "cpu", value=fh.get_tensor(key).to(dtype))
+            wanted = [k for k in fh.keys() if not k.startswith(prefix) and k in names]
+        # large tensors stored in the compute dtype (embeddings, head) are memory-mapped: only the pages an
+        # embedding lookup (or the head, in evaluation) reads become resident
+        try:
+            views = map_safetensors(f, wanted, dtype)
+        except ValueError as exc:
+            raise ModelSourceError(f"{exc}; the checkpoint is broken: convert or download it again") from exc
+        with safe_open(str(f), framework="pt") as fh:
+            for key in wanted:
+                value = views.get(key)
+                if value is None:
+                    value = fh.get_tensor(key).to(dtype)
+                else:
+                    mapped.add(key)
+                set_module_tensor_to_device(model, key, "cpu", value=value)
     model.tie_weights()
+    for name, p in model.named_parameters(remove_duplicate=False):
+        if name in mapped:
+            setattr(p, MAPPED_ATTR, True)
     missing = [n for n, p in model.named_parameters() if p.is_meta and not n.startswith(prefix)]
     if missing:
         raise ModelSourceError(f"{folder}: weights missing from the checkpoint: {', '.join(missing[:5])}")

@@ -11,8 +11,11 @@ during fusion), never the whole model.
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
+import mmap
 import os
+import struct
 from pathlib import Path
 from typing import Iterator, Sequence
 
@@ -25,9 +28,57 @@ from .fusion.inject import block_spec, rebuild_block
 
 log = logging.getLogger(__name__)
 
-__all__ = ["BlockStore", "ORIGIN_ATTR", "block_origin", "save_tensors_atomic", "is_materialized"]
+__all__ = ["BlockStore", "ORIGIN_ATTR", "MAPPED_ATTR", "block_origin", "save_tensors_atomic", "is_materialized",
+           "map_safetensors"]
 
 ORIGIN_ATTR = "fusegpt_origin"  # original block index, set on every block of an offloaded model
+
+
+MAPPED_ATTR = "fusegpt_mapped"  # set on parameters that are memory-mapped views of the checkpoint (already checked)
+
+MAP_MIN_BYTES = 1 << 20  # smaller non-block tensors are copied (not worth a mapping)
+
+_ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+
+
+def map_safetensors(path: str | os.PathLike, names: Sequence[str], dtype: torch.dtype, *,
+                    min_bytes: int | None = None) -> dict[str, torch.Tensor]:
+    """Zero-copy views of ``names`` in a safetensors file (a private, copy-on-write memory map), for the tensors
+    stored in ``dtype`` and at least ``min_bytes`` large; the others are left out (the caller copies them).
+
+    A mapped tensor costs memory only for the pages that are read (an embedding lookup reads its rows, not the
+    table). Each is checked for NaN/inf here, in slices whose pages are handed back to the kernel afterwards
+    (``MADV_DONTNEED``), so the check leaves nothing resident. Raises ValueError naming a non-finite tensor."""
+    with open(path, "rb") as fh:
+        (n,) = struct.unpack("<Q", fh.read(8))
+        header = json.loads(fh.read(n))
+        if os.fstat(fh.fileno()).st_size == 0:
+            return {}
+        mm = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_COPY)
+    start = 8 + n
+    page = mmap.PAGESIZE
+    min_bytes = MAP_MIN_BYTES if min_bytes is None else min_bytes
+    out: dict[str, torch.Tensor] = {}
+    for name in names:
+        meta = header.get(name)
+        if meta is None or _ST_DTYPES.get(meta["dtype"]) != dtype:
+            continue
+        b, e = meta["data_offsets"]
+        numel = 1
+        for d in meta["shape"]:
+            numel *= d
+        if e - b < min_bytes or numel * dtype.itemsize != e - b or (start + b) % dtype.itemsize:
+            continue
+        t = torch.frombuffer(mm, dtype=dtype, count=numel, offset=start + b).view(meta["shape"])
+        flat = t.reshape(-1)
+        step = max(1, (64 << 20) // dtype.itemsize)
+        for i in range(0, numel, step):
+            if not torch.isfinite(flat[i:i + step]).all():
+                raise ValueError(f"{path}: {name} has non-finite (NaN/inf) weights")
+        lo = (start + b) // page * page
+        mm.madvise(mmap.MADV_DONTNEED, lo, min(len(mm), start + e) - lo)
+        out[name] = t
+    return out
 
 
 def block_origin(block: nn.Module) -> int:

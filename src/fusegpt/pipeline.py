@@ -88,8 +88,10 @@ def run_compression(
     store = None
     if config.offload == "disk":  # blocks stay in the checkpoint's files, loaded while used
         from .adapters import get_adapter
+        from .device import limit_heap_fragmentation
         from .offload import BlockStore
 
+        limit_heap_fragmentation()
         loaded = load_model(model_name, blocks_on_disk=True)
         store = BlockStore(get_adapter(loaded.model), loaded.info["folder"], out / RUN_DIR / "offload")
     else:

@@ -11,7 +11,6 @@ import math
 from typing import Iterator
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .math import coef_value, fused_bias, fused_linear, fused_weight
@@ -79,9 +78,11 @@ class FusedLinear(nn.Module):
         super().__init__()
         self.in_features = base.in_features
         self.out_features = base.out_features
+        # the base linear's own tensors (it is replaced by this layer; a copy would hold a second receiving block
+        # in memory while the group is wrapped)
         w = base.weight
-        self.weight = nn.Parameter(w.detach().clone(), requires_grad=False)
-        self.bias = None if base.bias is None else nn.Parameter(base.bias.detach().clone(), requires_grad=False)
+        self.weight = nn.Parameter(w.detach(), requires_grad=False)
+        self.bias = None if base.bias is None else nn.Parameter(base.bias.detach(), requires_grad=False)
         if lora_rank > 0:
             r = min(lora_rank, self.in_features, self.out_features)
             self.lora_A = nn.Parameter(torch.empty(r, self.in_features, device=w.device, dtype=w.dtype))
@@ -93,7 +94,6 @@ class FusedLinear(nn.Module):
         self.num_donors = 0
         # form the effective weight again in backward instead of keeping it (with gradient checkpointing)
         self.checkpoint = False
-        self._cache: tuple | None = None  # (key, weight, bias) reused by no-grad forwards
 
     # ---- donors -------------------------------------------------------------------------------------------
     def add_donor(
@@ -129,20 +129,11 @@ class FusedLinear(nn.Module):
     def effective_bias(self) -> torch.Tensor | None:
         return fused_bias(self.bias, [(c.coef_bias, d) for c, _, d in self.donors() if d is not None])
 
-    def _state_key(self) -> tuple:
-        return tuple((id(t), t._version) for t in (*self.parameters(), *self.buffers()))
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # The weight is formed in the parameters' dtype (fp32 master weights); F.linear follows any autocast.
-        if not torch.is_grad_enabled():
-            key = self._state_key()
-            if self._cache is None or self._cache[0] != key:
-                with torch.autocast(device_type=x.device.type, enabled=False):
-                    self._cache = (key, self.effective_weight(), self.effective_bias())
-            return F.linear(x, self._cache[1], self._cache[2])
-        self._cache = None
-        # the same W_eff through a backward that forms one weight-sized gradient (fusion.math.fused_linear); with
-        # checkpointing W_eff is not kept but formed again in backward, one layer at a time
+        # W_eff is formed in the parameters' dtype (fp32 master weights) for this call only (never kept between
+        # calls: for a group of G receivers that would be G blocks of memory), through fusion.math.fused_linear,
+        # whose backward forms one weight-sized gradient; with checkpointing W_eff is not kept for backward
+        # either but formed again there, one layer at a time. The product follows any autocast, like F.linear.
         lora = (self.lora_B, self.lora_A) if self.lora_A is not None else None
         donors = [(c.kind, (c.coef_B, c.coef_A) if c.kind == "lowrank" else (c.coef,), c.coef_bias, d, db)
                   for c, d, db in self.donors()]
@@ -165,10 +156,10 @@ class FusedLinear(nn.Module):
         b = self.effective_bias()
         if not torch.isfinite(w).all() or (b is not None and not torch.isfinite(b).all()):
             raise NonFiniteWeightError("merged fused weight is not finite; refusing to export NaN/Inf")
-        lin = nn.Linear(self.in_features, self.out_features, bias=b is not None, device=w.device, dtype=w.dtype)
-        lin.weight.copy_(w)
+        lin = nn.Linear(self.in_features, self.out_features, bias=b is not None, device="meta", dtype=w.dtype)
+        lin.weight = nn.Parameter(w)  # W_eff itself: no second copy
         if b is not None:
-            lin.bias.copy_(b.detach())
+            lin.bias = nn.Parameter(b.detach())
         return lin
 
     # ---- structure (for checkpoints: rebuild the same module, then load its state dict) ---------------------
