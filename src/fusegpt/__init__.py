@@ -2,7 +2,8 @@
 
 __version__ = "0.1.0"
 
-__all__ = ["__version__", "load_model", "evaluate_perplexity", "export_model", "drop_blocks", "get_adapter"]
+__all__ = ["__version__", "load_model", "evaluate_perplexity", "export_model", "drop_blocks", "merge_and_unload",
+           "write_gguf", "get_adapter"]
 
 
 def __getattr__(name):  # lazy: importing fusegpt stays cheap
@@ -14,7 +15,11 @@ def __getattr__(name):  # lazy: importing fusegpt stays cheap
         from .evaluate import evaluate_perplexity
 
         return evaluate_perplexity
-    if name in ("export_model", "drop_blocks"):
+    if name == "write_gguf":
+        from .gguf_export import write_gguf
+
+        return write_gguf
+    if name in ("export_model", "drop_blocks", "merge_and_unload"):
         from . import export
 
         return getattr(export, name)

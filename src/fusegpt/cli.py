@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import sys
@@ -76,6 +77,49 @@ def _add_ppl(p: argparse.ArgumentParser) -> None:
 
 
 # ---- eval --------------------------------------------------------------------------------------------------------
+def _gguf_source(model: str):
+    """(checkpoint folder, source GGUF or None, kept original blocks or None) of an export's input."""
+    from .models import load_model, resolve_source
+
+    folder = Path(model)
+    meta_path = folder / "fusegpt.json"
+    if folder.is_dir() and meta_path.is_file():  # written by compress / drop: carry the source GGUF's metadata
+        meta = json.loads(meta_path.read_text())
+        source, kept = meta.get("source_model"), meta.get("kept", meta.get("kept_original_indices"))
+        try:
+            src = resolve_source(source) if source else None
+        except (ValueError, OSError):
+            src = None
+        return folder, (src.path if src is not None and src.kind == "gguf" else None), kept
+    src = resolve_source(model)
+    if src.kind == "gguf":  # a dense GGUF model: its converted folder (made on first load)
+        loaded = load_model(model)
+        return Path(loaded.info["converted"]), src.path, None
+    return src.path, None, None
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from .export import OutputExistsError, check_writable
+    from .gguf_export import write_gguf
+    from .report import write_json
+
+    if args.gguf.exists() and not args.overwrite:
+        raise OutputExistsError(f"{args.gguf} exists; pass --overwrite to replace it")
+    if args.gguf.suffix != ".gguf":
+        raise ValueError(f"--gguf {args.gguf}: the file name must end in .gguf")
+    check_writable(args.gguf.parent)
+    folder, source, kept = _gguf_source(args.model)
+    summary = write_gguf(folder, args.gguf, qtype=args.type, source_gguf=source, kept=kept,
+                         overwrite=args.overwrite)
+    v = summary["verification"]
+    print(f"wrote {summary['gguf']} ({summary['type']}, {summary['bytes'] / 2**20:.1f} MiB, {summary['blocks']} "
+          f"blocks, metadata from {summary['metadata_from']}); transformers reads it back: max |logit diff| / scale "
+          f"{v['max_logit_diff_over_scale']:.2g}, top-1 agreement {v['top1_agreement']:.3f}")
+    if args.json:
+        write_json(args.json, summary)
+    return 0
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
     from .device import resolve_device
     from .evaluate import evaluate_perplexity
@@ -146,7 +190,7 @@ def cmd_drop(args: argparse.Namespace) -> int:
     loaded = load_model(args.model, device=resolve_device(args.device))
     kept = drop_blocks(loaded.model, args.blocks)
     meta = {"method": "drop", "source_model": args.model, "removed": sorted(set(args.blocks)),
-            "kept_original_indices": kept, "original_num_hidden_layers": n}
+            "kept": kept, "original_num_hidden_layers": n}
     if args.eval:
         res = evaluate_perplexity(loaded.model, loaded.tokenizer)
         meta["wikitext2_ppl"] = res.ppl
@@ -383,6 +427,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
+    from .gguf_export import GGUF_TYPES
 
     parser = argparse.ArgumentParser(prog="fusegpt", description="Make causal LMs shallower with FuseGPT.")
     parser.add_argument("--version", action="version", version=f"fusegpt {__version__}")
@@ -398,6 +443,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", type=Path, help="write the result as JSON")
     _add_common(p)
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("export", help="write a checkpoint (compressed or dense) as a GGUF file for llama.cpp")
+    p.add_argument("model", help="a folder written by compress/drop, an HF folder, a .gguf file or an alias")
+    p.add_argument("--gguf", type=Path, required=True, help="output file, ending in .gguf")
+    p.add_argument("--type", default="f16", choices=GGUF_TYPES,
+                   help="tensor type of the matrices (norms stay f32); q8_0 = llama.cpp's 8-bit blocks")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --gguf file")
+    p.add_argument("--json", type=Path, help="write the summary (bytes, verification) as JSON")
+    _add_common(p)
+    p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("drop", help="remove blocks (no fusion) and export a checkpoint")
     p.add_argument("model")

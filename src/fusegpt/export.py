@@ -18,7 +18,8 @@ from .fusion import merge_fused_linears
 from .fusion.linear import NonFiniteWeightError
 from .report import versions, write_json
 
-__all__ = ["OutputError", "OutputExistsError", "check_output_dir", "check_writable", "drop_blocks", "export_model"]
+__all__ = ["OutputError", "OutputExistsError", "check_output_dir", "check_writable", "drop_blocks", "export_model",
+           "merge_and_unload"]
 
 
 class OutputError(ValueError):
@@ -106,6 +107,15 @@ def _save_streamed(model, store, folder: Path) -> None:
         model.generation_config.save_pretrained(folder)
 
 
+def merge_and_unload(model):
+    """Replace every fused layer of ``model`` by a plain ``nn.Linear`` holding its effective weight (peft's
+    ``merge_and_unload``), refusing NaN/inf; returns the model, now a stock transformers module. The one public
+    merge step: export and every post-transform (GGUF, quantization) start from its result."""
+    merge_fused_linears(model)
+    _check_finite(dict(model.named_parameters()))
+    return model
+
+
 def drop_blocks(model, blocks: Sequence[int]) -> list[int]:
     """Plain removal of blocks (indices of the model as it is now). Returns the kept indices."""
     return get_adapter(model).remove_blocks(blocks)
@@ -127,8 +137,7 @@ def export_model(
     then merged and written one at a time (one shard per block, with the standard index file)."""
     out = check_output_dir(out_dir, overwrite)
     if store is None:
-        merge_fused_linears(model)
-        _check_finite(dict(model.named_parameters()))
+        merge_and_unload(model)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
