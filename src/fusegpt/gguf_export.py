@@ -135,6 +135,23 @@ def _hf_metadata(writer, config, tokenizer_folder: Path) -> None:
     gguf.SpecialVocab(tokenizer_folder, load_merges=False, n_vocab=size).add_to_gguf(writer, quiet=True)
 
 
+def _verification_windows(folder: Path, vocab: int, n: int = 4, t: int = 64) -> torch.Tensor:
+    """``n`` windows of ``t`` tokens of the shipped WikiText-2 validation text (real text: on random ids the
+    next-token distributions are flat and their top-1 a near-tie), random ids when the tokenizer cannot load."""
+    from transformers import AutoTokenizer
+
+    from .data import load_text, sample_windows, tokenize_text
+
+    try:
+        tok = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+        ids = tokenize_text(tok, load_text("wikitext2-valid")[:200_000])
+        if int(ids.max()) < vocab and ids.numel() > n * t:
+            return sample_windows(ids, n, t, torch.Generator().manual_seed(0))
+    except (OSError, ValueError):
+        pass
+    return torch.randint(0, vocab, (n, t), generator=torch.Generator().manual_seed(0))
+
+
 def _verify(folder: Path, gguf_path: Path, qtype: str, windows: torch.Tensor) -> dict[str, Any]:
     """Load the GGUF with transformers and compare its logits with the checkpoint's."""
     from transformers import AutoModelForCausalLM
@@ -242,8 +259,7 @@ def write_gguf(
             os.fsync(fh.fileno())
         del model
         if verify_windows is None:
-            g = torch.Generator().manual_seed(0)
-            verify_windows = torch.randint(0, int(config.vocab_size), (2, 32), generator=g)
+            verify_windows = _verification_windows(folder, int(config.vocab_size))
         # transformers reads a GGUF from a folder + file name; verify under the temporary name
         check = _verify(folder, tmp, qtype, verify_windows)
         if not check["ok"]:
