@@ -25,7 +25,7 @@ def _fields(path):
     return {k: _field_value(f)[0] for k, f in gguf.GGUFReader(str(path)).fields.items() if not k.startswith("GGUF.")}
 
 
-@pytest.mark.parametrize("qtype,tol", [("f16", 2e-2), ("q8_0", 8e-2)])
+@pytest.mark.parametrize("qtype,tol", [("f16", 2e-2), ("q8_0", 8e-2), ("q4_0", 0.5)])
 def test_exported_checkpoint_round_trips_through_transformers(tiny_folder, tmp_path, qtype, tol):
     from transformers import AutoTokenizer
 
@@ -42,7 +42,8 @@ def test_exported_checkpoint_round_trips_through_transformers(tiny_folder, tmp_p
     ids = torch.randint(0, 300, (2, 24), generator=torch.Generator().manual_seed(3))
     a, b = _logits(out, ids=ids), _logits(tmp_path, "m.gguf", ids=ids)
     assert (a - b).abs().max() / a.abs().max() < tol
-    assert (a.argmax(-1) == b.argmax(-1)).float().mean() > 0.9
+    if qtype != "q4_0":  # 4-bit rounding flips near-ties of a random tiny model's flat distributions
+        assert (a.argmax(-1) == b.argmax(-1)).float().mean() > 0.9
     # the tokenizer built from tokenizer.json encodes text the same way
     text = "The quick brown fox , 1984 @-@ jumps"
     assert AutoTokenizer.from_pretrained(tmp_path, gguf_file="m.gguf").encode(text, add_special_tokens=False) == \

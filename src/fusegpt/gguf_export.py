@@ -5,7 +5,9 @@ way llama.cpp's converter does). ``{arch}.block_count`` is the checkpoint's dept
 source GGUF are reindexed to the kept blocks. Tokenizer metadata is carried from the source GGUF when the model
 came from one (SmolLM2 ships as GGUF), otherwise built from a byte-level BPE ``tokenizer.json`` (the ``gpt2``
 tokenizer model of GGUF); other tokenizers are refused. Tensor types: ``f32``, ``f16`` or ``q8_0`` (norms and
-other 1-D tensors stay f32, as in llama.cpp; a matrix whose rows are not a multiple of 32 stays f16 in q8_0).
+other 1-D tensors stay f32, as in llama.cpp; a matrix whose rows are not a multiple of 32 stays f16 in q8_0 and
+q4_0). ``bf16``, ``q8_0`` and ``q4_0`` use the gguf package's own quantizers (round to nearest, per 32-value block
+for the q types: the same files llama.cpp's ``llama-quantize`` writes for these types without an importance matrix).
 
 Nothing is reported written before it is verified: the file is written under a temporary name, loaded back with
 transformers (``gguf_file=``), and its logits on a few windows are compared with the checkpoint's; only then is it
@@ -27,14 +29,17 @@ log = logging.getLogger(__name__)
 
 __all__ = ["GGUF_TYPES", "GGUF_ARCHS", "GGUFExportError", "write_gguf"]
 
-GGUF_TYPES = ("f32", "f16", "q8_0")
+GGUF_TYPES = ("f32", "f16", "bf16", "q8_0", "q4_0")
+_QUANT = {"q8_0": "Q8_0", "q4_0": "Q4_0", "bf16": "BF16"}  # gguf.quants types (round to nearest, llama.cpp's)
 # model_type -> (GGUF architecture, permute q/k rows as llama.cpp's LlamaModel converter does)
 GGUF_ARCHS = {"llama": ("llama", True), "mistral": ("llama", True), "qwen2": ("qwen2", False),
               "qwen3": ("qwen3", False)}
 # agreement the written file must show with the checkpoint: max |logit difference| over the logit scale, the share
 # of positions whose most likely next token is the same, and for every weight max |difference| over its max |value|
 # (f16 rounds to 2^-11 of a value; q8_0 to 1/254 of its 32-value block's largest)
-TOLERANCE = {"f32": (1e-4, 1.0, 1e-6), "f16": (2e-2, 0.97, 1e-3), "q8_0": (8e-2, 0.9, 1e-2)}
+# (bf16 to 2^-8; q4_0 to 1/8 of its block's largest: the clamp at +7 of a value opposite to it)
+TOLERANCE = {"f32": (1e-4, 1.0, 1e-6), "f16": (2e-2, 0.97, 1e-3), "bf16": (5e-2, 0.95, 5e-3),
+             "q8_0": (8e-2, 0.9, 1e-2), "q4_0": (0.5, 0.6, 0.13)}
 
 
 class GGUFExportError(ValueError):
@@ -220,7 +225,8 @@ def write_gguf(
         writer = gguf.GGUFWriter(str(tmp), arch)
         writer.add_block_count(L)
         writer.add_file_type({"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
-                              "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[qtype])
+                              "bf16": gguf.LlamaFileType.MOSTLY_BF16, "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0,
+                              "q4_0": gguf.LlamaFileType.MOSTLY_Q4_0}[qtype])
         writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
         if source_gguf is not None:
             src_reader_blocks = int(_field_value(gguf.GGUFReader(str(source_gguf)).fields[f"{arch}.block_count"])[0])
@@ -245,9 +251,10 @@ def write_gguf(
             name = f"{gname}.{suffix}"
             if data.ndim < 2 or qtype == "f32":
                 writer.add_tensor(name, data.astype(np.float32))
-            elif qtype == "q8_0" and data.shape[-1] % 32 == 0:
-                q = gguf.quants.quantize(data, gguf.GGMLQuantizationType.Q8_0)
-                writer.add_tensor(name, q, raw_shape=q.shape, raw_dtype=gguf.GGMLQuantizationType.Q8_0)
+            elif qtype in _QUANT and (qtype == "bf16" or data.shape[-1] % 32 == 0):
+                kind = getattr(gguf.GGMLQuantizationType, _QUANT[qtype])
+                q = gguf.quants.quantize(data, kind)
+                writer.add_tensor(name, q, raw_shape=q.shape, raw_dtype=kind)
             else:
                 writer.add_tensor(name, data.astype(np.float16))
             n_tensors += 1
