@@ -20,7 +20,7 @@ import torch.utils.checkpoint
 from torch import nn
 
 from .adapters import Adapter, BlockContext
-from .device import autocast
+from .device import autocast, trim_heap
 from .offload import is_materialized
 
 __all__ = ["Runner", "ActivationCache", "cache_dtype"]
@@ -135,6 +135,8 @@ class Runner:
                 with autocast(self.device, self.compute_dtype):
                     h = self.adapter.call_block(block, h, self.ctx, kind)
             out[s : s + self.batch_size] = h.to(device=self.offload, dtype=out.dtype)
+            del h
+            trim_heap()
 
     def run_model_blocks(self, hidden: torch.Tensor, start: int = 0, stop: int | None = None) -> torch.Tensor:
         """Run the model's own blocks ``start:stop`` (current indices)."""

@@ -14,6 +14,7 @@ __all__ = [
     "autocast",
     "set_threads",
     "limit_heap_fragmentation",
+    "trim_heap",
     "peak_memory_bytes",
     "reset_peak_memory",
     "current_rss_bytes",
@@ -109,6 +110,33 @@ def limit_heap_fragmentation(threshold: int = 1 << 20) -> bool:
         return bool(libc.mallopt(m_mmap_threshold, int(threshold)))
     except (OSError, AttributeError):
         return False
+
+
+_LIBC: list = []
+
+
+def _libc():
+    if not _LIBC:
+        import ctypes
+        import ctypes.util
+
+        name = ctypes.util.find_library("c")
+        try:
+            lib = ctypes.CDLL(name) if name else None
+            _LIBC.append(lib if lib is not None and hasattr(lib, "malloc_trim") else None)
+        except OSError:
+            _LIBC.append(None)
+    return _LIBC[0]
+
+
+def trim_heap() -> None:
+    """Hand the free pages of the host heap back to the system (glibc ``malloc_trim``; a no-op elsewhere).
+
+    Called between training steps and mini-batches: the tensors of one step are freed by then, and without it the
+    holes they leave in glibc's heap add up over a run (measured: docs/RESULTS.md, "Memory")."""
+    lib = _libc()
+    if lib is not None:
+        lib.malloc_trim(0)
 
 
 def current_rss_bytes() -> int:

@@ -11,6 +11,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..activations import Runner
+from ..device import trim_heap
 from .losses import get_loss
 from .schedule import cosine_factor
 
@@ -134,6 +135,8 @@ def train_group(
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
+                del loss
+                trim_heap()
                 res.steps += 1
                 res.tokens += x.shape[0] * x.shape[1]
                 running += value * x.shape[0]
