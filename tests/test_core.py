@@ -421,3 +421,29 @@ def test_memory_formula_does_not_depend_on_depth():
     disk = estimate_memory(**{**kw, "offload": "disk"}, grad_checkpoint=True, block_bytes=14_000_000)
     assert disk.cache == 128 * 1024 * 576 * 4 < on.cache
     assert disk.group == est.group + 9 * 14_000_000  # the loaded span (G + 1) and the donor
+
+
+def test_heap_trimming_only_when_on_and_only_on_growth(monkeypatch):
+    """malloc_trim runs inside heap_trimming(True) only, and only once the process has grown by the set amount
+    over the level of the last trim (a step that allocates its working set again does not trim again)."""
+    from fusegpt import device
+
+    calls = []
+    rss = [1000 << 20]
+
+    class Lib:
+        def malloc_trim(self, pad):
+            calls.append(rss[0])
+
+    monkeypatch.setattr(device, "_libc", lambda: Lib())
+    monkeypatch.setattr(device, "current_rss_bytes", lambda: rss[0])
+    device.trim_heap()
+    assert calls == []  # off by default
+    with device.heap_trimming(True):
+        for mib in (1000, 1100, 1200, 1300, 1000, 1290, 1300, 1600):
+            rss[0] = mib << 20
+            device.trim_heap()
+    assert calls == [1300 << 20, 1600 << 20]
+    rss[0] = 9000 << 20
+    device.trim_heap()
+    assert len(calls) == 2  # off again after the context

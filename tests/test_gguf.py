@@ -75,3 +75,13 @@ def test_refusals(tiny_folder, tmp_path, capsys):
     assert ".gguf" in capsys.readouterr().err
     assert main(["export", str(tiny_folder), "--gguf", str(tmp_path / "x.gguf"), "--type", "q4_k"]) == 2
     assert not list(tmp_path.glob("*gguf*"))
+
+
+def test_family_without_a_gguf_layout_is_refused(tmp_path, capsys):
+    from conftest import tiny_model
+
+    model = tiny_model("phi3", 2)
+    model.save_pretrained(tmp_path / "phi3")
+    assert main(["export", str(tmp_path / "phi3"), "--gguf", str(tmp_path / "p.gguf")]) == 2
+    assert "GGUF export supports llama, mistral, qwen2, qwen3 models, not 'phi3'" in capsys.readouterr().err
+    assert not (tmp_path / "p.gguf").exists()
