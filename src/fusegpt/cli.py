@@ -79,7 +79,7 @@ def _add_ppl(p: argparse.ArgumentParser) -> None:
 # ---- eval --------------------------------------------------------------------------------------------------------
 def _gguf_source(model: str):
     """(checkpoint folder, source GGUF or None, kept original blocks or None) of an export's input."""
-    from .models import load_model, resolve_source
+    from .models import converted_folder, resolve_source
 
     folder = Path(model)
     meta_path = folder / "fusegpt.json"
@@ -92,21 +92,17 @@ def _gguf_source(model: str):
             src = None
         return folder, (src.path if src is not None and src.kind == "gguf" else None), kept
     src = resolve_source(model)
-    if src.kind == "gguf":  # a dense GGUF model: its converted folder (made on first load)
-        loaded = load_model(model)
-        return Path(loaded.info["converted"]), src.path, None
+    if src.kind == "gguf":  # a dense GGUF model: its converted folder (made on first use)
+        return converted_folder(src), src.path, None
     return src.path, None, None
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from .export import OutputExistsError, check_writable
-    from .gguf_export import write_gguf
+    from .export import check_writable
+    from .gguf_export import check_gguf_output, write_gguf
     from .report import write_json
 
-    if args.gguf.exists() and not args.overwrite:
-        raise OutputExistsError(f"{args.gguf} exists; pass --overwrite to replace it")
-    if args.gguf.suffix != ".gguf":
-        raise ValueError(f"--gguf {args.gguf}: the file name must end in .gguf")
+    check_gguf_output(args.gguf, args.overwrite)
     check_writable(args.gguf.parent)
     folder, source, kept = _gguf_source(args.model)
     summary = write_gguf(folder, args.gguf, qtype=args.type, source_gguf=source, kept=kept,

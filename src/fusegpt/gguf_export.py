@@ -27,7 +27,7 @@ import torch
 
 log = logging.getLogger(__name__)
 
-__all__ = ["GGUF_TYPES", "GGUF_ARCHS", "GGUFExportError", "write_gguf"]
+__all__ = ["GGUF_TYPES", "GGUF_ARCHS", "GGUFExportError", "check_gguf_output", "write_gguf"]
 
 GGUF_TYPES = ("f32", "f16", "bf16", "q8_0", "q4_0")
 _QUANT = {"q8_0": "Q8_0", "q4_0": "Q4_0", "bf16": "BF16"}  # gguf.quants types (round to nearest, llama.cpp's)
@@ -44,6 +44,16 @@ TOLERANCE = {"f32": (1e-4, 1.0, 1e-6), "f16": (2e-2, 0.97, 1e-3), "bf16": (5e-2,
 
 class GGUFExportError(ValueError):
     """The checkpoint cannot be written as GGUF (unsupported family or tokenizer) or did not verify."""
+
+
+def check_gguf_output(out: Path, overwrite: bool) -> None:
+    """Refuse an output that is not a ``.gguf`` name, or that exists without ``overwrite`` (before any loading)."""
+    if out.suffix != ".gguf":
+        raise GGUFExportError(f"--gguf {out}: the file name must end in .gguf")
+    if out.exists() and not overwrite:
+        from .export import OutputExistsError
+
+        raise OutputExistsError(f"{out} exists; pass --overwrite to replace it")
 
 
 def _permute(w: np.ndarray, n_head: int, n_head_kv: int | None) -> np.ndarray:
@@ -70,13 +80,17 @@ def _field_value(field) -> tuple[Any, Any, Any]:
     return field.parts[field.data[0]].tolist()[0], vt, None
 
 
-def _copy_metadata(writer, source: Path, arch: str, kept: Sequence[int], old_blocks: int) -> int:
-    """Every key of the source GGUF but the ones the writer sets itself; per-layer arrays reindexed to ``kept``."""
+def _copy_metadata(writer, source: Path, arch: str, kept: Sequence[int] | None, blocks: int) -> None:
+    """Every key of the source GGUF but the ones the writer sets itself; per-layer arrays reindexed to ``kept``
+    (the source's original indices of the checkpoint's ``blocks`` blocks; None = all of them)."""
     import gguf
 
     reader = gguf.GGUFReader(str(source))
+    old_blocks = int(_field_value(reader.fields[f"{arch}.block_count"])[0])
+    kept = list(range(old_blocks)) if kept is None else list(kept)
+    if len(kept) != blocks:
+        raise GGUFExportError(f"{len(kept)} kept blocks given for a checkpoint of {blocks}")
     skip = {"general.architecture", "general.file_type", f"{arch}.block_count", "general.quantization_version"}
-    n = 0
     for key, field in reader.fields.items():
         if key.startswith("GGUF.") or key in skip:
             continue
@@ -84,8 +98,6 @@ def _copy_metadata(writer, source: Path, arch: str, kept: Sequence[int], old_blo
         if key.startswith(arch + ".") and isinstance(val, list) and len(val) == old_blocks:
             val = [val[i] for i in kept]
         writer.add_key_value(key, val, vt, sub_type=sub)
-        n += 1
-    return n
 
 
 def _hf_metadata(writer, config, tokenizer_folder: Path) -> None:
@@ -157,11 +169,10 @@ def _verification_windows(folder: Path, vocab: int, n: int = 4, t: int = 64) -> 
     return torch.randint(0, vocab, (n, t), generator=torch.Generator().manual_seed(0))
 
 
-def _verify(folder: Path, gguf_path: Path, qtype: str, windows: torch.Tensor) -> dict[str, Any]:
-    """Load the GGUF with transformers and compare its logits with the checkpoint's."""
+def _verify(ref, gguf_path: Path, qtype: str, windows: torch.Tensor) -> dict[str, Any]:
+    """Load the GGUF with transformers and compare its logits and weights with those of ``ref`` (the checkpoint)."""
     from transformers import AutoModelForCausalLM
 
-    ref = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, local_files_only=True).eval()
     got = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32,
                                                local_files_only=True).eval()
     with torch.no_grad():
@@ -201,12 +212,7 @@ def write_gguf(
     folder, out = Path(folder), Path(out)
     if qtype not in GGUF_TYPES:
         raise GGUFExportError(f"--type must be one of {', '.join(GGUF_TYPES)}, got {qtype!r}")
-    if out.exists() and not overwrite:
-        from .export import OutputExistsError
-
-        raise OutputExistsError(f"{out} exists; pass --overwrite to replace it")
-    if out.suffix != ".gguf":
-        raise GGUFExportError(f"{out}: the output file name must end in .gguf")
+    check_gguf_output(out, overwrite)
     config = AutoConfig.from_pretrained(folder, local_files_only=True)
     if config.model_type not in GGUF_ARCHS:
         raise GGUFExportError(f"GGUF export supports {', '.join(sorted(GGUF_ARCHS))} models, not "
@@ -229,11 +235,7 @@ def write_gguf(
                               "q4_0": gguf.LlamaFileType.MOSTLY_Q4_0}[qtype])
         writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
         if source_gguf is not None:
-            src_reader_blocks = int(_field_value(gguf.GGUFReader(str(source_gguf)).fields[f"{arch}.block_count"])[0])
-            kept = list(range(src_reader_blocks)) if kept is None else list(kept)
-            if len(kept) != L:
-                raise GGUFExportError(f"{len(kept)} kept blocks given for a checkpoint of {L}")
-            _copy_metadata(writer, Path(source_gguf), arch, kept, src_reader_blocks)
+            _copy_metadata(writer, Path(source_gguf), arch, kept, L)
         else:
             _hf_metadata(writer, config, folder)
         tied = bool(getattr(config, "tie_word_embeddings", False))
@@ -264,11 +266,10 @@ def write_gguf(
         writer.close()
         with open(tmp, "rb+") as fh:
             os.fsync(fh.fileno())
-        del model
         if verify_windows is None:
             verify_windows = _verification_windows(folder, int(config.vocab_size))
         # transformers reads a GGUF from a folder + file name; verify under the temporary name
-        check = _verify(folder, tmp, qtype, verify_windows)
+        check = _verify(model, tmp, qtype, verify_windows)
         if not check["ok"]:
             raise GGUFExportError(f"the written GGUF does not reproduce the checkpoint: {check}")
         os.replace(tmp, out)

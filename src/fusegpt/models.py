@@ -134,6 +134,17 @@ def _converted_folder(src: ModelSource) -> Path:
     return cache_dir() / "gguf" / _gguf_key(src.path)
 
 
+def converted_folder(src: ModelSource, *, use_cache: bool = True) -> Path:
+    """The safetensors folder of a GGUF source, converted on first use (cached by the file's identity)."""
+    folder = _converted_folder(src)
+    if use_cache and (folder / "config.json").is_file():
+        log.info("using cached conversion %s", folder)
+    else:
+        check_gguf_file(src.path)
+        _convert_gguf(src, folder)
+    return folder
+
+
 def check_checkpoint_files(folder: Path) -> None:
     """Read the header of every safetensors file of a HF folder (cheap, memory-mapped): a truncated or corrupt file
     is refused here, before any weight is loaded."""
@@ -284,12 +295,7 @@ def load_model(
     folder = src.path
     info: dict[str, Any] = {"kind": src.kind, "path": str(src.path)}
     if src.kind == "gguf":
-        folder = _converted_folder(src)
-        if use_cache and (folder / "config.json").is_file():
-            log.info("using cached conversion %s", folder)
-        else:
-            check_gguf_file(src.path)
-            _convert_gguf(src, folder)
+        folder = converted_folder(src, use_cache=use_cache)
         info["converted"] = str(folder)
     check_checkpoint_files(folder)
     info["folder"] = str(folder)
