@@ -91,6 +91,24 @@ def set_threads(n: int | None) -> None:
     os.environ.setdefault("OMP_NUM_THREADS", str(n))
 
 
+_LIBC: list = []
+
+
+def _libc():
+    """glibc, when this process runs on it (for ``mallopt`` and ``malloc_trim``); None elsewhere."""
+    if not _LIBC:
+        import ctypes
+        import ctypes.util
+
+        name = ctypes.util.find_library("c")
+        try:
+            lib = ctypes.CDLL(name) if name else None
+        except OSError:
+            lib = None
+        _LIBC.append(lib if lib is not None and hasattr(lib, "mallopt") and hasattr(lib, "malloc_trim") else None)
+    return _LIBC[0]
+
+
 def limit_heap_fragmentation(threshold: int = 1 << 20) -> bool:
     """Serve host allocations of at least ``threshold`` bytes from their own memory maps (glibc ``mallopt``), so
     that freeing one gives its memory back to the system at once.
@@ -99,35 +117,9 @@ def limit_heap_fragmentation(threshold: int = 1 << 20) -> bool:
     activation tensors of a training step then come from the heap, whose freed holes are not returned: on the
     ~1.1B-parameter offload benchmark the peak RSS was 0.9 GiB higher for that alone (docs/RESULTS.md). Used by
     ``--offload disk``, the memory-first mode. Returns False where it does not apply (not glibc)."""
-    import ctypes
-    import ctypes.util
-
-    name = ctypes.util.find_library("c")
-    if not name:
-        return False
-    try:
-        libc = ctypes.CDLL(name)
-        m_mmap_threshold = -3
-        return bool(libc.mallopt(m_mmap_threshold, int(threshold)))
-    except (OSError, AttributeError):
-        return False
-
-
-_LIBC: list = []
-
-
-def _libc():
-    if not _LIBC:
-        import ctypes
-        import ctypes.util
-
-        name = ctypes.util.find_library("c")
-        try:
-            lib = ctypes.CDLL(name) if name else None
-            _LIBC.append(lib if lib is not None and hasattr(lib, "malloc_trim") else None)
-        except OSError:
-            _LIBC.append(None)
-    return _LIBC[0]
+    lib = _libc()
+    m_mmap_threshold = -3
+    return lib is not None and bool(lib.mallopt(m_mmap_threshold, int(threshold)))
 
 
 _TRIM = {"level": 0, "on": False}

@@ -215,9 +215,11 @@ def source_fingerprint(name: str | os.PathLike) -> str:
 def check_finite(model) -> None:
     """Refuse a model with NaN or infinite weights (a broken conversion or checkpoint), naming the tensors (blocks
     on the ``meta`` device are checked when they are loaded)."""
+    from .offload import MAPPED_ATTR
+
     # memory-mapped weights were checked when they were mapped (reading them again would make them resident)
     bad = [n for n, p in model.named_parameters()
-           if not p.is_meta and not getattr(p, "fusegpt_mapped", False) and not torch.isfinite(p).all()]
+           if not p.is_meta and not getattr(p, MAPPED_ATTR, False) and not torch.isfinite(p).all()]
     if bad:
         more = f" and {len(bad) - 5} more" if len(bad) > 5 else ""
         raise ModelSourceError(
@@ -251,13 +253,12 @@ def _load_without_blocks(folder: Path, dtype: torch.dtype):
     for f in files:
         with safe_open(str(f), framework="pt") as fh:
             wanted = [k for k in fh.keys() if not k.startswith(prefix) and k in names]
-        # large tensors stored in the compute dtype (embeddings, head) are memory-mapped: only the pages an
-        # embedding lookup (or the head, in evaluation) reads become resident
-        try:
-            views = map_safetensors(f, wanted, dtype)
-        except ValueError as exc:
-            raise ModelSourceError(f"{exc}; the checkpoint is broken: convert or download it again") from exc
-        with safe_open(str(f), framework="pt") as fh:
+            # large tensors stored in the compute dtype (embeddings, head) are memory-mapped: only the pages an
+            # embedding lookup (or the head, in evaluation) reads become resident
+            try:
+                views = map_safetensors(f, wanted, dtype)
+            except ValueError as exc:
+                raise ModelSourceError(f"{exc}; the checkpoint is broken: convert or download it again") from exc
             for key in wanted:
                 value = views.get(key)
                 if value is None:

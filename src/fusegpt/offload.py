@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 import mmap
 import os
 import struct
@@ -52,8 +53,6 @@ def map_safetensors(path: str | os.PathLike, names: Sequence[str], dtype: torch.
     with open(path, "rb") as fh:
         (n,) = struct.unpack("<Q", fh.read(8))
         header = json.loads(fh.read(n))
-        if os.fstat(fh.fileno()).st_size == 0:
-            return {}
         mm = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_COPY)
     start = 8 + n
     page = mmap.PAGESIZE
@@ -64,9 +63,7 @@ def map_safetensors(path: str | os.PathLike, names: Sequence[str], dtype: torch.
         if meta is None or _ST_DTYPES.get(meta["dtype"]) != dtype:
             continue
         b, e = meta["data_offsets"]
-        numel = 1
-        for d in meta["shape"]:
-            numel *= d
+        numel = math.prod(meta["shape"])
         if e - b < min_bytes or numel * dtype.itemsize != e - b or (start + b) % dtype.itemsize:
             continue
         t = torch.frombuffer(mm, dtype=dtype, count=numel, offset=start + b).view(meta["shape"])

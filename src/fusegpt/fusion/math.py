@@ -150,10 +150,9 @@ class _FusedLinearFn(torch.autograd.Function):
             return range(i - n, i)
 
         gw = gb = None
-        bias_needed = any(need[j] for j in range(len(ts))) and b is not None
         if any(need):
             gw = (g2.t() @ xc.reshape(-1, xc.shape[-1])).to(w.dtype)
-            if bias_needed:
+            if b is not None:
                 gb = g2.sum(0).to(b.dtype)
         (iw,) = take(1)
         if need[iw]:
