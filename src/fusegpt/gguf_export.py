@@ -262,7 +262,7 @@ def write_gguf(
             n_tensors += 1
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
-        writer.write_tensors_to_file()
+        writer.write_tensors_to_file(progress=True)  # a tqdm bar per tensor: minutes on 7B+ models
         writer.close()
         with open(tmp, "rb+") as fh:
             os.fsync(fh.fileno())
