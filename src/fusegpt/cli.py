@@ -116,6 +116,27 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_quantize(args: argparse.Namespace) -> int:
+    from .export import check_output_dir
+    from .quantize import get_scheme, quantize_checkpoint, require_llmcompressor
+    from .report import write_json
+
+    get_scheme(args.scheme)  # fail fast: the scheme, the library, the output folder
+    require_llmcompressor()
+    check_output_dir(args.out, args.overwrite)
+    rep = quantize_checkpoint(args.model, args.out, scheme=args.scheme, calib=args.calib, nsamples=args.nsamples,
+                              seqlen=args.seqlen, seed=args.seed, dtype=args.dtype, overwrite=args.overwrite)
+    v = rep.verification
+    print(f"wrote {rep.out} ({rep.scheme}, {rep.bytes_after / 2**20:.1f} MiB of weights, was "
+          f"{rep.bytes_before / 2**20:.1f} MiB; {rep.seconds:.0f} s on {rep.calibration['nsamples']} x "
+          f"{rep.calibration['seqlen']} calibration tokens); reloads with max |logit diff| / scale "
+          f"{v['reload_max_logit_diff_over_scale']:.2g}; top-1 agreement with the unquantized model "
+          f"{v['vs_unquantized_top1_agreement']:.3f}")
+    if args.json:
+        write_json(args.json, rep.to_dict())
+    return 0
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
     from .device import resolve_device
     from .evaluate import evaluate_perplexity
@@ -449,6 +470,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", type=Path, help="write the summary (bytes, verification) as JSON")
     _add_common(p)
     p.set_defaults(func=cmd_export)
+
+    from .quantize import scheme_names
+
+    p = sub.add_parser("quantize", help="quantize a checkpoint's weights (GPTQ through llm-compressor)")
+    p.add_argument("model", help="a folder written by compress/drop, an HF folder, a .gguf file or an alias")
+    p.add_argument("--scheme", required=True, choices=scheme_names())
+    p.add_argument("--out", type=Path, required=True, help="output folder (must be empty unless --overwrite)")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out folder")
+    p.add_argument("--calib", default="wikitext2-valid", help="calibration text (default: wikitext2-valid)")
+    p.add_argument("--nsamples", type=_positive_int, default=128, help="calibration windows (default 128)")
+    p.add_argument("--seqlen", type=_positive_int, default=256, help="tokens per window (default 256)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"],
+                   help="storage of the tensors that stay floating point: embeddings, norms, scales (default bf16)")
+    p.add_argument("--json", type=Path, help="write the report as JSON (also OUT/quantize_report.json)")
+    _add_common(p)
+    p.set_defaults(func=cmd_quantize)
 
     p = sub.add_parser("drop", help="remove blocks (no fusion) and export a checkpoint")
     p.add_argument("model")
