@@ -78,13 +78,18 @@ class Runner:
         self.ctx = self.adapter.context(self.ctx.seqlen, device=self.device)
 
     @torch.no_grad()
-    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """[N, T] token ids -> [N, T, H] inputs of block 0, on the offload device."""
-        outs = []
+    def embed(self, input_ids: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """[N, T] token ids -> [N, T, H] inputs of block 0, on the offload device (in ``dtype``, default the
+        embeddings' own)."""
+        out = None  # written in place, mini-batch by mini-batch: a list + torch.cat would hold the result twice
         for s in range(0, input_ids.shape[0], self.batch_size):
             ids = input_ids[s : s + self.batch_size].to(self.device)
-            outs.append(self.adapter.embed(ids).to(self.offload))
-        return torch.cat(outs)
+            h = self.adapter.embed(ids)
+            if out is None:
+                out = torch.empty((input_ids.shape[0], *h.shape[1:]), dtype=dtype or h.dtype, device=self.offload)
+            out[s : s + h.shape[0]] = h.to(device=self.offload, dtype=out.dtype)
+            del h
+        return out
 
     def forward_blocks(
         self, blocks: Sequence[nn.Module], kinds: Sequence[str], hidden: torch.Tensor
@@ -226,9 +231,9 @@ class ActivationCache:
         self.input_ids = input_ids
         self.store = _DiskEntries(Path(disk)) if disk is not None else _MemoryEntries()
         if max_resident is None:
-            first = runner.embed(input_ids)
-            self.dtype = dtype or first.dtype
-            self.store.put(0, first.to(self.dtype))
+            first = runner.embed(input_ids, dtype)
+            self.dtype = first.dtype
+            self.store.put(0, first)
         else:  # bounded caches recompute the embeddings when needed (cheap): one window gives shape and dtype
             first = runner.embed(input_ids[:1])
             self.dtype = dtype or first.dtype
@@ -267,7 +272,7 @@ class ActivationCache:
             return self.store.get(i)
         if i != 0:
             raise KeyError(i)
-        return self.runner.embed(self.input_ids).to(self.dtype)
+        return self.runner.embed(self.input_ids, self.dtype)
 
     def get(self, i: int) -> torch.Tensor:
         n = self.runner.adapter.num_blocks
