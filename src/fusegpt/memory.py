@@ -7,7 +7,8 @@ MLP width I), the group (G receivers, mini-batch B) and the cache policy (R resi
 - cache: R x (N + S) x T x H x b_cache (both activation caches at their bound; with offload = disk the entries
   are files and only the one in use, the group input, is in memory: N x T x H x b_cache);
 - group: the teacher's output y, N x T x H x b_cache, plus the group input x when it is not a cache entry;
-- training: the trainable parameters with their gradient and two Adam moments (16 bytes each); the autograd
+- training: the trainable parameters with their gradient, two Adam moments and the copy distillation keeps to
+  restore them on divergence (20 bytes each); the autograd
   activations of a mini-batch, a = (9 H + 4 I) x 4 bytes per token and block (two RMSNorm inputs and outputs,
   the SDPA inputs q, k, v and output with k/v repeated to H, the attention output, the MLP's gate, up, SiLU and
   product); the attention matrix of a block, B x heads x T x T x 4 (scores and probabilities in the forward, their
@@ -110,10 +111,10 @@ def estimate_memory(
         # every student block's input is kept; one block at a time is recomputed with its activations and attention
         # matrices (scores, probabilities and their gradients); W_eff is not kept, so the fused weights' temporaries
         # (4 x out x in) exist for one layer at a time
-        training = 16 * trainable + group * tokens * hidden * 4 + tokens * per_tok + 4 * att + 16 * largest_linear
+        training = 20 * trainable + group * tokens * hidden * 4 + tokens * per_tok + 4 * att + 16 * largest_linear
     else:
         # every block keeps its activations, attention probabilities and W_eff for backward; one block's backward
         # adds three attention-sized gradients, and one layer at a time its weight temporaries (4 x out x in)
-        training = 16 * trainable + group * (tokens * per_tok + att + 4 * w_block) + 3 * att + 16 * largest_linear
+        training = 20 * trainable + group * (tokens * per_tok + att + 4 * w_block) + 3 * att + 16 * largest_linear
     return MemoryEstimate(cache=cache, group=n * entry + loaded, training=training, scoring=3 * s * t * hidden * 4,
                           activations_per_token_block=per_tok, grad_checkpoint=grad_checkpoint)
