@@ -20,3 +20,38 @@ def test_cli_errors_are_clear(tmp_path, capsys):
     assert main(["drop", "smollm2-135m", "--blocks", "1", "--out", str(tmp_path)]) == 2
     assert "--overwrite" in capsys.readouterr().err
     assert (tmp_path / "f").read_text() == "x"
+
+
+def _fake_hub_cache(root, repo_id, folder):
+    """The layout huggingface_hub's cache uses: models--org--name/{refs/main, snapshots/<commit>/files}."""
+    import shutil
+
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo = root / ("models--" + repo_id.replace("/", "--"))
+    shutil.copytree(folder, repo / "snapshots" / commit)
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(commit)
+    return repo / "snapshots" / commit
+
+
+def test_hub_id_loads_from_the_cache_offline_and_fails_clearly_when_absent(tiny_folder, tmp_path, monkeypatch,
+                                                                           capsys):
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    snap = _fake_hub_cache(tmp_path / "hub", "tiny-org/tiny-llama", tiny_folder)
+    src = resolve_source("tiny-org/tiny-llama")
+    assert src.kind == "hf" and src.path.resolve() == snap.resolve()
+    assert main(["eval", "tiny-org/tiny-llama", "--seqlen", "32", "--max-windows", "2"]) == 0
+    # not in the cache, offline: the error names the switch and the local alternative; nothing is fetched
+    with pytest.raises(ModelSourceError, match="HF_HUB_OFFLINE=0.*local model folder"):
+        resolve_source("tiny-org/not-cached")
+    assert main(["eval", "tiny-org/not-cached"]) == 2
+    assert "HF_HUB_OFFLINE" in capsys.readouterr().err
+    # a cached snapshot without safetensors weights is refused by name
+    bare = _fake_hub_cache(tmp_path / "hub", "tiny-org/bin-only", tiny_folder)
+    for f in bare.glob("*.safetensors"):
+        f.unlink()
+    with pytest.raises(ModelSourceError, match="no safetensors"):
+        resolve_source("tiny-org/bin-only")

@@ -1,4 +1,8 @@
-"""Model sources: a local Hugging Face folder, a local ``.gguf`` file, or a named alias.
+"""Model sources: a local Hugging Face folder, a local ``.gguf`` file, a named alias, or a Hugging Face hub id.
+
+Hub ids (``org/name``) go through ``huggingface_hub.snapshot_download`` and its cache (``HF_HOME``): a model
+already in the cache loads offline; fusegpt's commands run offline unless ``HF_HUB_OFFLINE=0`` is set, and a
+model not in the cache is then refused with what to do.
 
 GGUF files are dequantized on load and a converted safetensors copy is cached (``$FUSEGPT_CACHE`` or
 ``~/.cache/fusegpt``), so later loads take about a second instead of ~20-30 s.
@@ -11,6 +15,7 @@ import importlib.util
 import json
 import logging
 import os
+import re
 import shutil
 import tempfile
 from dataclasses import dataclass, field
@@ -23,7 +28,7 @@ log = logging.getLogger(__name__)
 
 __all__ = [
     "ModelSourceError", "LoadedModel", "ModelInfo", "resolve_source", "inspect_model", "load_model", "cache_dir",
-    "check_checkpoint_files", "check_finite", "source_fingerprint", "ALIASES",
+    "check_checkpoint_files", "check_finite", "source_fingerprint", "ALIASES", "hub_snapshot",
 ]
 
 
@@ -61,6 +66,48 @@ def _smollm2_135m() -> Path:
 
 ALIASES: dict[str, Callable[[], Path]] = {"smollm2-135m": _smollm2_135m}
 
+# "org/name" as the hub spells repository ids (no path separators beyond the one, no leading dot or dash)
+_REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*$")
+# what a causal LM needs from a hub repository (not the .bin / .pth / .gguf / onnx duplicates of its weights)
+HUB_PATTERNS = ["*.json", "*.safetensors", "*.model", "*.tiktoken", "*.txt", "*.jinja", "*.py"]
+
+
+def _offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on")
+
+
+def hub_snapshot(repo_id: str, *, revision: str | None = None) -> Path:
+    """The local snapshot folder of hub model ``repo_id`` (from the cache; downloaded when online)."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import (
+        GatedRepoError, HfHubHTTPError, LocalEntryNotFoundError, OfflineModeIsEnabled, RepositoryNotFoundError,
+    )
+
+    offline = _offline()
+    try:
+        folder = Path(snapshot_download(repo_id, revision=revision, allow_patterns=HUB_PATTERNS,
+                                        local_files_only=offline))
+    except (LocalEntryNotFoundError, OfflineModeIsEnabled):
+        raise ModelSourceError(
+            f"{repo_id!r} is not a local path and is not in the Hugging Face cache, and fusegpt runs offline "
+            f"(HF_HUB_OFFLINE={os.environ.get('HF_HUB_OFFLINE', '1')}): download it with HF_HUB_OFFLINE=0 set (or "
+            f"`hf download {repo_id}`), or pass a local model folder"
+        ) from None
+    except GatedRepoError:
+        raise ModelSourceError(f"{repo_id!r} is gated on the hub: accept its licence there and set HF_TOKEN") \
+            from None
+    except RepositoryNotFoundError:
+        raise ModelSourceError(f"no model {repo_id!r} on the hub (or it is private: set HF_TOKEN)") from None
+    except (HfHubHTTPError, OSError) as exc:  # network errors, disk full
+        raise ModelSourceError(f"could not fetch {repo_id!r} from the hub: {exc}; or pass a local model folder") \
+            from None
+    if not (folder / "config.json").is_file():
+        raise ModelSourceError(f"hub model {repo_id!r} has no config.json ({folder})")
+    if not any(folder.glob("*.safetensors")):
+        raise ModelSourceError(f"hub model {repo_id!r} has no safetensors weights (fusegpt does not load pickled "
+                               f".bin files); convert it, or pass a local folder")
+    return folder
+
 
 def resolve_source(name: str | os.PathLike) -> ModelSource:
     """Alias, .gguf file or HF folder -> ModelSource; a clear error listing what is accepted otherwise."""
@@ -76,9 +123,11 @@ def resolve_source(name: str | os.PathLike) -> ModelSource:
         if not (path / "config.json").is_file():
             raise ModelSourceError(f"folder {text!r} has no config.json; it is not a Hugging Face model folder")
         return ModelSource("hf", path.resolve(), text)
+    if _REPO_ID.match(text) and not path.exists():
+        return ModelSource("hf", hub_snapshot(text), text)
     raise ModelSourceError(
         f"unknown model {text!r}: accepted are a named alias ({', '.join(sorted(ALIASES))}), "
-        "a local .gguf file, or a local Hugging Face model folder (with config.json)"
+        "a local .gguf file, a local Hugging Face model folder (with config.json), or a hub id (org/name)"
     )
 
 
