@@ -61,6 +61,8 @@ class CompressReport:
     # baseline RSS at the start of compress, the formula's prediction over it (fusegpt.memory), the measured peak
     # (process peak RSS on the CPU, allocator peak on a GPU)
     memory: dict[str, Any] = field(default_factory=dict)
+    # fusegpt plan's prediction made at the start of the run (time, peak memory) next to what was measured
+    plan: dict[str, Any] = field(default_factory=dict)
 
 
 def preflight(model_name: str, config: CompressConfig) -> ModelInfo:

@@ -350,6 +350,18 @@ def cmd_compare(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_plan(args: argparse.Namespace) -> int:
+    from .plan import format_plan, plan_run
+    from .report import write_json
+
+    cfg = config_from_args(args)
+    rep = plan_run(args.model, cfg, device=args.device, repeats=args.repeats)
+    print(format_plan(rep))
+    if args.json:
+        write_json(args.json, rep.to_dict())
+    return 0
+
+
 def cmd_compress(args: argparse.Namespace) -> int:
     from .pipeline import run_compression
 
@@ -509,6 +521,14 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_flags(p)
     _add_common(p)
     p.set_defaults(func=cmd_compress)
+
+    p = sub.add_parser("plan", help="predict a compress run's time and memory before running it (no weights loaded)")
+    p.add_argument("model", help=f"alias, .gguf file, HF folder or hub id (e.g. {DEFAULT_MODEL})")
+    p.add_argument("--repeats", type=_positive_int, default=3, help="timed repeats of each unit (median)")
+    p.add_argument("--json", type=Path, help="write the plan as JSON")
+    _add_config_flags(p)
+    _add_common(p)
+    p.set_defaults(func=cmd_plan)
 
     p = sub.add_parser("compare", help="every method at every sparsity on the same data: compare.md/json, pareto.png")
     p.add_argument("model", nargs="?", default=DEFAULT_MODEL, help=f"alias, .gguf file or HF folder ({DEFAULT_MODEL})")

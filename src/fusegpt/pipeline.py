@@ -85,6 +85,12 @@ def run_compression(
     else:
         check_output_dir(out, overwrite)
     preflight(model_name, config)  # every refusal happens here, before loading
+    from .methods.base import method_info
+    from .plan import format_plan, plan_run
+
+    plan = plan_run(model_name, config) if method_info(config.method).kind == "fuse" else None
+    if plan is not None:
+        log.info("%s", format_plan(plan))
     store = None
     if config.offload == "disk":  # blocks stay in the checkpoint's files, loaded while used
         from .adapters import get_adapter
@@ -99,6 +105,13 @@ def run_compression(
     report = compress(loaded.model, config, tokenizer=loaded.tokenizer, source_model=model_name,
                       checkpoint_dir=out / RUN_DIR, resume=resume, source_fingerprint=source_fingerprint(model_name),
                       store=store)
+    if plan is not None:
+        report.plan = {"predicted_seconds": plan.seconds_total, "measured_seconds": report.seconds,
+                       "predicted_peak_bytes": plan.peak_bytes,
+                       "measured_peak_bytes": report.memory.get("measured_peak_bytes"), "plan": plan.to_dict()}
+        log.info("plan vs run: %.0f s predicted, %.0f s measured; peak %.2f GiB predicted, %.2f GiB measured",
+                 plan.seconds_total, report.seconds, plan.peak_bytes / 2**30,
+                 (report.memory.get("measured_peak_bytes") or 0) / 2**30)
     if evaluate:
         res = evaluate_perplexity(loaded.model, loaded.tokenizer, desc="perplexity (compressed, in memory)",
                                   store=store, **(eval_kwargs or {}))

@@ -1,0 +1,208 @@
+"""What a compression run will cost, before it runs: time per removal and in total, peak memory, cache disk.
+
+No weights are loaded. The model's config gives its shapes; a two-block model of the same shapes (vocabulary cut
+to 128 tokens: embeddings do not enter the block loop) is built with random weights on the compute device and
+timed: one block's forward on a mini-batch of calibration windows, the same block with a donor injected (forward,
+and one distillation step: forward, backward, Adam). The run's loop is then counted in those units, step by
+step, as `fusegpt.methods.fusegpt` runs it (docs/METHOD.md, "Plan"):
+
+- scoring (every step in iterative mode, the first in one-shot): the full pass and, for each of the L current
+  blocks, the blocks after it: L (L - 1) / 2 + L block forwards over S windows;
+- the group input from the activation cache: on the first step, the blocks before the group (taken as the middle
+  of the model, (L - G) / 2, since MI has not chosen yet); later steps start from a cache checkpoint, at most
+  ceil(L / (R - 1)) - 1 blocks back, half that on average;
+- the teacher: G + 1 plain block forwards over N windows;
+- the group loss before and after training: 2 x G fused forwards over S windows (twice when the loss is not MSE);
+- training: epochs x ceil(N / B) steps of G fused blocks (forward, backward and optimizer).
+
+Memory is the formula of ``fusegpt.memory`` on top of a baseline: this process's own resident memory (Python,
+torch, transformers, as a compress process has them) plus the model's weights (fp32, or none with offload disk).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import statistics
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+
+__all__ = ["PlanReport", "plan_run", "format_plan"]
+
+
+@dataclass
+class PlanReport:
+    model: str
+    device: str
+    compute_dtype: str
+    blocks: int
+    removals: int
+    params: int
+    timings: dict[str, float]  # measured seconds per unit (one mini-batch through one block)
+    phases: dict[str, float]  # predicted seconds per phase, whole run
+    seconds_per_step: list[float]
+    seconds_total: float
+    baseline_bytes: int
+    memory: dict[str, Any]
+    peak_bytes: int
+    cache_disk_bytes: int
+    grad_checkpoint: bool
+    notes: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _median_time(fn, repeats: int, device: torch.device) -> float:
+    from .device import synchronize
+
+    fn()  # warm-up (allocations, kernels)
+    synchronize(device)
+    out = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        synchronize(device)
+        out.append(time.perf_counter() - t)
+    return statistics.median(out)
+
+
+def _two_block_model(config):
+    from transformers import AutoModelForCausalLM
+
+    cfg = copy.deepcopy(config)
+    text = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
+    text.num_hidden_layers = 2
+    if getattr(text, "layer_types", None):
+        text.layer_types = list(text.layer_types[:2])
+    text.vocab_size = 128
+    for key in ("pad_token_id", "bos_token_id", "eos_token_id"):
+        if isinstance(getattr(text, key, None), int) and getattr(text, key) >= 128:
+            setattr(text, key, 0)
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(cfg).eval()
+
+
+def measure_units(config, cfg, device: torch.device, compute: torch.dtype | None, grad_checkpoint: bool,
+                  repeats: int = 3) -> dict[str, float]:
+    """Seconds of one mini-batch (``cfg.batch_size`` windows of ``cfg.seqlen`` tokens) through one block: plain
+    forward, fused forward, and one fused distillation step (forward + backward + Adam)."""
+    from .activations import Runner
+    from .adapters import get_adapter
+    from .distill import get_loss
+    from .fusion import fused_linears, inject_donor
+    from .methods.fusegpt import param_groups
+
+    model = _two_block_model(config).to(device)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    ad = get_adapter(model)
+    runner = Runner.for_model(ad, cfg.seqlen, device=device, batch_size=cfg.batch_size, compute_dtype=compute)
+    runner.grad_checkpoint = grad_checkpoint
+    blocks, kinds = list(ad.blocks), ad.block_kinds()
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(cfg.batch_size, cfg.seqlen, text.hidden_size, generator=g)
+    units = {"block_forward": _median_time(lambda: runner.run([blocks[0]], kinds[:1], x), repeats, device)}
+    inject_donor(ad, blocks[1], [blocks[0]], coef_kind=cfg.coef, coef_rank=cfg.coef_rank,
+                 lora_rank=0 if cfg.train == "full" else cfg.lora_rank, generator=g)
+    for _, fl in fused_linears(blocks[0]):
+        fl.checkpoint = grad_checkpoint
+    units["fused_forward"] = _median_time(lambda: runner.run([blocks[0]], kinds[:1], x), repeats, device)
+    groups = param_groups([blocks[0]], cfg.train, cfg.coef_lr, cfg.lr)
+    params = [p for grp in groups for p in grp.params]
+    for p in params:
+        p.requires_grad_(True)
+    opt = torch.optim.Adam([{"params": grp.params, "lr": grp.lr} for grp in groups], betas=tuple(cfg.betas))
+    loss_fn = get_loss(cfg.loss) if cfg.loss == "mse" else get_loss("mse")
+    xd, yd = x.to(device), x.to(device)
+
+    def step():
+        out = runner.forward_blocks([blocks[0]], kinds[:1], xd)
+        loss = loss_fn(out, yd)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    units["train_step"] = _median_time(step, repeats, device)
+    return units
+
+
+def plan_run(model_name: str, config, *, device: str | None = None, repeats: int = 3) -> PlanReport:
+    """Predict the cost of ``fusegpt compress model_name`` with ``config`` (nothing is loaded but the config)."""
+    from transformers import AutoModelForCausalLM
+
+    from .adapters import check_supported, get_adapter
+    from .api import _memory_plan
+    from .config import num_removals
+    from .device import choose_compute_dtype, current_rss_bytes, resolve_device
+    from .models import inspect_model
+
+    info = inspect_model(model_name)
+    check_supported(info.config)
+    config.validate(info.num_blocks, info.max_positions)
+    dev = resolve_device(device or config.device)
+    compute = choose_compute_dtype(dev, config.compute_dtype)
+    L0, k = info.num_blocks, num_removals(config, info.num_blocks)
+    with torch.device("meta"):
+        skeleton = AutoModelForCausalLM.from_config(info.config)
+    params = sum(p.numel() for p in skeleton.parameters())
+    mem = _memory_plan(get_adapter(skeleton), config, compute)
+    units = measure_units(info.config, config, dev, compute, mem.grad_checkpoint, repeats)
+
+    n_b = math.ceil(config.nsamples / config.batch_size)  # mini-batches over the calibration windows
+    s_b = math.ceil(config.score_samples / config.batch_size)
+    G = config.group_size
+    R = config.cache_entries or None
+    losses = 2 if config.loss == "mse" else 4
+    phases = {"scoring": 0.0, "group_input": 0.0, "teacher": 0.0, "eval": 0.0, "train": 0.0}
+    per_step = []
+    for step in range(k):
+        L = L0 - step
+        before = dict(phases)
+        if config.mode == "iterative" or step == 0:
+            phases["scoring"] += (L * (L - 1) / 2 + L) * s_b * units["block_forward"]
+        back = (L - G) / 2 if step == 0 else (
+            min((L - G) / 2, (math.ceil(L / (R - 1)) - 1) / 2) if R else 0.0)
+        phases["group_input"] += max(back, 0.0) * n_b * units["block_forward"]
+        phases["teacher"] += (G + 1) * n_b * units["block_forward"]
+        phases["eval"] += losses * G * s_b * units["fused_forward"]
+        phases["train"] += config.epochs * n_b * G * units["train_step"]
+        per_step.append(sum(phases.values()) - sum(before.values()))
+    model_bytes = 0 if config.offload == "disk" else 4 * params
+    baseline = current_rss_bytes() + model_bytes
+    notes = [f"{config.method}: counted as FuseGPT's loop (scoring, group input, teacher, group losses, training)"]
+    if config.method not in ("fusegpt", "fusegpt-global"):
+        notes.append("other methods are not counted step by step: the time is FuseGPT's with the same config")
+    cache_disk = config.nsamples * config.seqlen * (info.config.get_text_config().hidden_size if hasattr(
+        info.config, "get_text_config") else info.config.hidden_size) * (
+        2 if compute in (torch.bfloat16, torch.float16) and config.cache_dtype == "auto" else 4)
+    return PlanReport(
+        model=model_name, device=str(dev), compute_dtype=str(compute or torch.float32), blocks=L0, removals=k,
+        params=params, timings=units, phases=phases, seconds_per_step=per_step, seconds_total=sum(per_step),
+        baseline_bytes=baseline, memory=mem.to_dict(), peak_bytes=baseline + mem.total,
+        cache_disk_bytes=cache_disk * (R or L0) if config.offload == "disk" else 0,
+        grad_checkpoint=mem.grad_checkpoint, notes=notes,
+    )
+
+
+def format_plan(rep: PlanReport) -> str:
+    gib = 2**30
+    lines = [
+        f"plan for {rep.model}: {rep.blocks} blocks, {rep.params / 1e6:.1f}M parameters, {rep.removals} removals, "
+        f"{rep.device} ({rep.compute_dtype}), gradient checkpointing {'on' if rep.grad_checkpoint else 'off'}",
+        "measured per mini-batch and block: " + ", ".join(f"{k} {v * 1e3:.1f} ms" for k, v in rep.timings.items()),
+        f"predicted time: {rep.seconds_total:.0f} s in all ({rep.seconds_total / 3600:.2f} h), first step "
+        f"{rep.seconds_per_step[0]:.0f} s, last {rep.seconds_per_step[-1]:.0f} s; by phase: "
+        + ", ".join(f"{k} {v:.0f} s" for k, v in rep.phases.items()),
+        f"predicted peak memory: {rep.peak_bytes / gib:.2f} GiB = baseline {rep.baseline_bytes / gib:.2f} GiB "
+        f"(process + weights) + {rep.memory['total'] / gib:.2f} GiB (cache {rep.memory['cache'] / gib:.2f}, "
+        f"group {rep.memory['group'] / gib:.2f}, training {rep.memory['training'] / gib:.2f})",
+    ]
+    if rep.cache_disk_bytes:
+        lines.append(f"disk for the activation cache (--offload disk): {rep.cache_disk_bytes / gib:.2f} GiB")
+    lines += [f"note: {n}" for n in rep.notes[1:]]
+    return "\n".join(lines)

@@ -1,0 +1,65 @@
+"""fusegpt plan: the predicted cost of a run, counted from measured per-block units, before any weight loads."""
+
+import json
+
+import pytest
+import torch
+
+from fusegpt.cli import main
+from fusegpt.config import CompressConfig
+
+
+@pytest.fixture(scope="module")
+def gemma_folder(tmp_path_factory):
+    from transformers import AutoModelForCausalLM
+
+    from conftest import tiny_config
+
+    folder = tmp_path_factory.mktemp("plan-gemma3")
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(tiny_config("gemma3", 6)).save_pretrained(folder)
+    return folder
+
+
+def _cfg(**kw):
+    base = dict(remove=2, group_size=3, nsamples=8, score_samples=4, seqlen=32, batch_size=4, epochs=2)
+    return CompressConfig(**{**base, **kw})
+
+
+def test_plan_counts_the_loop_step_by_step(gemma_folder):
+    from fusegpt.plan import plan_run
+
+    one = plan_run(str(gemma_folder), _cfg(mode="oneshot"), device="cpu", repeats=1)
+    it = plan_run(str(gemma_folder), _cfg(mode="iterative"), device="cpu", repeats=1)
+    assert one.removals == 2 and len(one.seconds_per_step) == 2 and one.blocks == 6
+    assert one.seconds_total == pytest.approx(sum(one.phases.values()))
+    assert all(v > 0 for v in one.timings.values())
+    # one-shot scores once; iterative re-scores the (shallower) model: L(L-1)/2 + L block forwards per sweep
+    per_fwd = lambda p: p.timings["block_forward"] * 1  # noqa: E731  (S = 4 windows = one mini-batch of 4)
+    assert one.phases["scoring"] == pytest.approx((6 * 5 / 2 + 6) * per_fwd(one))
+    assert it.phases["scoring"] == pytest.approx((6 * 5 / 2 + 6 + 5 * 4 / 2 + 5) * per_fwd(it))
+    # training: epochs x ceil(N / B) steps of G fused blocks, every step
+    assert one.phases["train"] == pytest.approx(2 * 2 * 2 * 3 * one.timings["train_step"])
+    # memory: baseline + the formula, the skeleton's parameters (no weights were loaded)
+    assert one.peak_bytes == one.baseline_bytes + one.memory["total"]
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    with torch.device("meta"):
+        ref = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(gemma_folder))
+    assert one.params == sum(p.numel() for p in ref.parameters())
+
+
+def test_plan_cli_and_compress_report_carry_the_prediction(tiny_folder, tmp_path, capsys):
+    args = ["--remove", "1", "--group-size", "2", "--nsamples", "4", "--score-samples", "2", "--seqlen", "32",
+            "--epochs", "1", "--batch-size", "2"]
+    assert main(["plan", str(tiny_folder), *args, "--json", str(tmp_path / "plan.json"), "--repeats", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "predicted time" in out and "predicted peak memory" in out
+    plan = json.loads((tmp_path / "plan.json").read_text())
+    assert plan["removals"] == 1 and plan["seconds_total"] > 0
+    assert main(["compress", str(tiny_folder), *args, "--no-eval", "--out", str(tmp_path / "run")]) == 0
+    rep = json.loads((tmp_path / "run" / "fusegpt_report.json").read_text())
+    assert rep["plan"]["predicted_seconds"] > 0 and rep["plan"]["measured_seconds"] == pytest.approx(rep["seconds"])
+    assert rep["plan"]["predicted_peak_bytes"] > 0
+    # a plan refuses what compress would refuse, before timing anything
+    assert main(["plan", str(tiny_folder), "--remove", "9"]) == 2
