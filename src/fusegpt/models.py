@@ -224,8 +224,9 @@ def check_gguf_file(path: Path) -> None:
         ) from None
 
 
-def inspect_model(name: str | os.PathLike) -> ModelInfo:
-    """Config and tokenizer of a model source, its checkpoint files checked, without loading any weights."""
+def inspect_model(name: str | os.PathLike, *, weights: bool = True) -> ModelInfo:
+    """Config and tokenizer of a model source, its checkpoint files checked, without loading any weights.
+    ``weights=False``: a folder with a config alone is enough (``fusegpt plan``); no tokenizer is then None."""
     from transformers import AutoConfig, AutoTokenizer
 
     src = resolve_source(name)
@@ -237,9 +238,15 @@ def inspect_model(name: str | os.PathLike) -> ModelInfo:
             tokenizer = AutoTokenizer.from_pretrained(src.path.parent, **kw)
         else:
             folder = _converted_folder(src) if src.kind == "gguf" else src.path
-            check_checkpoint_files(folder)
+            if weights:
+                check_checkpoint_files(folder)
             config = AutoConfig.from_pretrained(folder, local_files_only=True)
-            tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+            try:
+                tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+            except (OSError, ValueError, KeyError):
+                if weights:
+                    raise
+                tokenizer = None
     except (OSError, ValueError, KeyError) as exc:
         if isinstance(exc, ModelSourceError):
             raise

@@ -141,7 +141,7 @@ def plan_run(model_name: str, config, *, device: str | None = None, repeats: int
     from .device import choose_compute_dtype, current_rss_bytes, resolve_device
     from .models import inspect_model
 
-    info = inspect_model(model_name)
+    info = inspect_model(model_name, weights=False)
     check_supported(info.config)
     config.validate(info.num_blocks, info.max_positions)
     dev = resolve_device(device or config.device)
