@@ -120,6 +120,10 @@ def compress(
     adapter = get_adapter(model)
     L0 = adapter.num_blocks
     config.validate(L0)
+    if method_info(config.method).kind in ("fuse", "heal"):
+        from .distributed import check_divisible
+
+        check_divisible(config.batch_size, config.nsamples)
     if calib_ids is None:
         if tokenizer is None:
             raise ValueError("compress needs a tokenizer or calib_ids")

@@ -628,6 +628,9 @@ def main(argv: list[str] | None = None) -> int:
     from .export import OutputError
     from .models import ModelSourceError
 
+    from .distributed import init_from_env, shutdown
+
+    distributed = init_from_env(getattr(args, "device", None))  # under torchrun: join its process group
     t0 = time.perf_counter()
     try:
         rc = args.func(args)
@@ -638,6 +641,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("fusegpt: interrupted", file=sys.stderr)
         return 130
+    finally:
+        if distributed:
+            shutdown()
     log.debug("done in %.1f s", time.perf_counter() - t0)
     return rc
 

@@ -79,10 +79,12 @@ def run_compression(
     """
     from .models import load_model, source_fingerprint
 
+    from .distributed import barrier, is_main
+
     out = Path(out)
     if resume:
         _check_resume_dir(out)
-    else:
+    elif is_main():  # under torch.distributed rank 0 alone writes --out
         check_output_dir(out, overwrite)
     preflight(model_name, config)  # every refusal happens here, before loading
     from .methods.base import method_info
@@ -126,6 +128,8 @@ def run_compression(
         write_report(report, folder)
 
     # out holds only the run folder now (or old content the user allowed to be replaced)
-    export_model(loaded.model, loaded.tokenizer, out, metadata=meta, overwrite=True, write_extra=write_extra,
-                 store=store)
+    if is_main():
+        export_model(loaded.model, loaded.tokenizer, out, metadata=meta, overwrite=True, write_extra=write_extra,
+                     store=store)
+    barrier()
     return report

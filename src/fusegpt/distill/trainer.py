@@ -12,6 +12,7 @@ from tqdm.auto import tqdm
 
 from ..activations import Runner
 from ..device import trim_heap
+from ..distributed import all_reduce_grads, gather_batch, split_batch, world_size
 from .losses import get_loss
 from .schedule import cosine_factor
 
@@ -115,11 +116,12 @@ def train_group(
             running, seen = 0.0, 0
             for s in range(0, n, settings.batch_size):
                 idx = order[s : s + settings.batch_size]
-                x = inputs[idx].to(runner.device)
+                # data parallel: this rank runs its part of the mini-batch; the loss is the whole mini-batch's
+                x = inputs[split_batch(idx)].to(runner.device)
                 y = targets[idx].to(runner.device)
                 for pg, lr in zip(opt.param_groups, base_lrs):
                     pg["lr"] = lr * cosine_factor(res.steps, total_steps)
-                out = runner.forward_blocks(blocks, kinds, x)
+                out = gather_batch(runner.forward_blocks(blocks, kinds, x))
                 loss = fn(out, y)
                 if not torch.isfinite(loss):
                     res.nonfinite = True
@@ -133,12 +135,14 @@ def train_group(
                                   f"first step's {start:.4g}")
                     break
                 opt.zero_grad(set_to_none=True)
-                loss.backward()
+                # every rank holds the same loss; the gather's backward sums the ranks' gradients for each part
+                (loss / world_size()).backward()
+                all_reduce_grads(params)
                 opt.step()
                 del loss
                 trim_heap()
                 res.steps += 1
-                res.tokens += x.shape[0] * x.shape[1]
+                res.tokens += idx.numel() * x.shape[1]
                 running += value * x.shape[0]
                 seen += x.shape[0]
                 bar.update(1)

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from ..data import load_text, split_windows, tokenize_text
+from ..distributed import all_reduce_sum, rank, world_size
 
 __all__ = ["PerplexityResult", "perplexity_windows", "evaluate_perplexity"]
 
@@ -47,6 +48,7 @@ def nll_sum(model, windows: torch.Tensor, *, batch_size: int = 4, desc: str | No
     device = next(model.parameters()).device
     total = 0.0
     count = 0
+    windows = windows[rank() :: world_size()]  # under torch.distributed: this rank's windows, sums reduced below
     bar = tqdm(total=windows.shape[0], desc=desc, unit="win", disable=desc is None, leave=False)
     for s in range(0, windows.shape[0], batch_size):
         ids = windows[s : s + batch_size].to(device)
@@ -58,7 +60,8 @@ def nll_sum(model, windows: torch.Tensor, *, batch_size: int = 4, desc: str | No
         count += ids[:, 1:].numel()
         bar.update(ids.shape[0])
     bar.close()
-    return total, count
+    total, count = all_reduce_sum([total, count])
+    return total, int(count)
 
 
 @torch.no_grad()
@@ -73,6 +76,7 @@ def nll_sum_by_blocks(model, windows: torch.Tensor, store, *, batch_size: int = 
     device = next(p for p in model.parameters() if not p.is_meta).device
     runner = Runner.for_model(adapter, windows.shape[1], device=device, batch_size=batch_size)
     runner.store = store
+    windows = windows[rank() :: world_size()]
     hidden = runner.embed(windows)
     blocks, kinds = list(adapter.blocks), adapter.block_kinds()
     for block, kind in tqdm(list(zip(blocks, kinds)), desc=desc, unit="block", disable=desc is None, leave=False):
@@ -84,7 +88,8 @@ def nll_sum_by_blocks(model, windows: torch.Tensor, store, *, batch_size: int = 
         total += float(F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1),
                                        reduction="sum"))
         count += ids[:, 1:].numel()
-    return total, count
+    total, count = all_reduce_sum([total, count])
+    return total, int(count)
 
 
 def evaluate_perplexity(

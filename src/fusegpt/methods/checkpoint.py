@@ -28,6 +28,7 @@ from safetensors.torch import load_file
 
 from ..fusion.inject import block_spec, rebuild_block
 from ..offload import save_tensors_atomic
+from ..distributed import is_main
 from ..runs import RecordLog, atomic_write_json, check_settings
 from .base import Job, StepReport
 
@@ -78,6 +79,8 @@ class Checkpoint:
         if resume and self.exists():
             check_settings(self.settings_path, settings, what="run")
             return
+        if not is_main():  # under torch.distributed rank 0 writes the run folder; the others only read it
+            return
         self.folder.mkdir(parents=True, exist_ok=True)
         for f in (self.folder / "blocks").glob("*.safetensors") if (self.folder / "blocks").is_dir() else ():
             f.unlink()
@@ -86,6 +89,8 @@ class Checkpoint:
 
     # ---- writing ----------------------------------------------------------------------------------------------
     def save(self, job: Job, rep: StepReport, changed: list[int]) -> None:
+        if not is_main():
+            return
         blocks = list(job.adapter.blocks)
         files: dict[str, dict[str, Any]] = {}
         for cur in changed:

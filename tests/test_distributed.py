@@ -1,0 +1,57 @@
+"""Data parallelism: torchrun with 2 gloo processes on the CPU gives one process's scores, blocks and weights."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+ARGS = ["--remove", "2", "--mode", "iterative", "--group-size", "2", "--nsamples", "8", "--score-samples", "4",
+        "--seqlen", "32", "--batch-size", "4", "--epochs", "2", "--threads", "1", "--compute-dtype", "fp32"]
+
+
+def _run(cmd, env=None):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
+    res = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    return res
+
+
+def _torchrun(n, args):
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={n}", "-m", "fusegpt",
+            *args]
+
+
+@pytest.mark.parametrize("loss", ["mse", "kl-batch"])  # kl-batch couples the samples of a mini-batch
+def test_two_gloo_processes_equal_one(tiny_folder, tmp_path, loss):
+    one, two = tmp_path / "one", tmp_path / "two"
+    _run([sys.executable, "-m", "fusegpt", "compress", str(tiny_folder), *ARGS, "--loss", loss, "--out", str(one)])
+    _run(_torchrun(2, ["compress", str(tiny_folder), *ARGS, "--loss", loss, "--out", str(two)]))
+    a = json.loads((one / "fusegpt_report.json").read_text())
+    b = json.loads((two / "fusegpt_report.json").read_text())
+    assert a["removed"] == b["removed"]
+    for sa, sb in zip(a["steps"], b["steps"]):  # MI of every candidate, scored by the two ranks in turn
+        assert sa["scores"].keys() == sb["scores"].keys()
+        for k in sa["scores"]:
+            assert abs(sa["scores"][k] - sb["scores"][k]) <= 1e-5
+        assert sa["train_steps"] == sb["train_steps"]
+        assert sa["loss_after"] == pytest.approx(sb["loss_after"], rel=1e-4)
+    wa, wb = load_file(str(one / "model.safetensors")), load_file(str(two / "model.safetensors"))
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        scale = wa[k].abs().max().clamp_min(1e-6)
+        assert ((wa[k] - wb[k]).abs().max() / scale).item() < 1e-4, k
+    # the perplexity is evaluated over windows split between the ranks and summed
+    assert a["evaluation"]["wikitext2"]["ppl"] == pytest.approx(b["evaluation"]["wikitext2"]["ppl"], rel=1e-4)
+    assert not any(p.name.startswith(".fusegpt-run") for p in two.iterdir())
+
+
+def test_uneven_batch_is_refused_under_two_processes(tiny_folder, tmp_path):
+    args = [a if a != "4" else "3" for a in ARGS]  # --batch-size 3 (and --score-samples 3)
+    res = subprocess.run(_torchrun(2, ["compress", str(tiny_folder), *args, "--out", str(tmp_path / "x")]),
+                         capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
+    assert res.returncode != 0 and "multiples of 2" in res.stderr
+    assert torch.distributed.is_available()
