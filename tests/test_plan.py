@@ -40,6 +40,11 @@ def test_plan_counts_the_loop_step_by_step(gemma_folder):
     assert it.phases["scoring"] == pytest.approx((6 * 5 / 2 + 6 + 5 * 4 / 2 + 5) * per_fwd(it))
     # training: epochs x ceil(N / B) steps of G fused blocks, every step
     assert one.phases["train"] == pytest.approx(2 * 2 * 2 * 3 * one.timings["train_step"])
+    # two data-parallel processes split the candidates' sweeps (the full pass runs on both) and the mini-batches
+    two = plan_run(str(gemma_folder), _cfg(mode="oneshot"), device="cpu", repeats=1, nproc=2)
+    assert two.phases["scoring"] == pytest.approx((6 + 6 * 5 / 2 / 2) * per_fwd(two))
+    with pytest.raises(ValueError, match="multiples"):
+        plan_run(str(gemma_folder), _cfg(), device="cpu", repeats=1, nproc=3)
     # memory: baseline + the formula, the skeleton's parameters (no weights were loaded)
     assert one.peak_bytes == one.baseline_bytes + one.memory["total"]
     from transformers import AutoConfig, AutoModelForCausalLM

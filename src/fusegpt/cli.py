@@ -355,7 +355,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     from .report import write_json
 
     cfg = config_from_args(args)
-    rep = plan_run(args.model, cfg, device=args.device, repeats=args.repeats)
+    rep = plan_run(args.model, cfg, device=args.device, repeats=args.repeats, nproc=args.nproc)
     print(format_plan(rep))
     if args.json:
         write_json(args.json, rep.to_dict())
@@ -525,6 +525,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("plan", help="predict a compress run's time and memory before running it (no weights loaded)")
     p.add_argument("model", help=f"alias, .gguf file, HF folder or hub id (e.g. {DEFAULT_MODEL})")
     p.add_argument("--repeats", type=_positive_int, default=3, help="timed repeats of each unit (median)")
+    p.add_argument("--nproc", type=_positive_int, default=1,
+                   help="data-parallel processes of the run (torchrun --nproc-per-node); default 1")
     p.add_argument("--json", type=Path, help="write the plan as JSON")
     _add_config_flags(p)
     _add_common(p)

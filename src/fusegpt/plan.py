@@ -131,8 +131,10 @@ def measure_units(config, cfg, device: torch.device, compute: torch.dtype | None
     return units
 
 
-def plan_run(model_name: str, config, *, device: str | None = None, repeats: int = 3) -> PlanReport:
-    """Predict the cost of ``fusegpt compress model_name`` with ``config`` (nothing is loaded but the config)."""
+def plan_run(model_name: str, config, *, device: str | None = None, repeats: int = 3, nproc: int = 1) -> PlanReport:
+    """Predict the cost of ``fusegpt compress model_name`` with ``config`` (nothing is loaded but the config).
+    ``nproc``: data-parallel processes (torchrun; ``fusegpt.distributed``): the scoring sweep's candidates and each
+    mini-batch are split over them (a mini-batch of B / nproc windows is timed), the rest runs on every one."""
     from transformers import AutoModelForCausalLM
 
     from .adapters import check_supported, get_adapter
@@ -151,7 +153,15 @@ def plan_run(model_name: str, config, *, device: str | None = None, repeats: int
         skeleton = AutoModelForCausalLM.from_config(info.config)
     params = sum(p.numel() for p in skeleton.parameters())
     mem = _memory_plan(get_adapter(skeleton), config, compute)
+    if nproc < 1 or config.batch_size % nproc or config.nsamples % nproc:
+        raise ValueError(f"--nproc {nproc}: --batch-size ({config.batch_size}) and --nsamples ({config.nsamples}) "
+                         f"must be multiples of it")
     units = measure_units(info.config, config, dev, compute, mem.grad_checkpoint, repeats)
+    if nproc > 1:  # a rank's distillation step runs B / nproc windows
+        part = copy.copy(config)
+        part.batch_size = config.batch_size // nproc
+        units["train_step"] = measure_units(info.config, part, dev, compute, mem.grad_checkpoint,
+                                            repeats)["train_step"]
 
     n_b = math.ceil(config.nsamples / config.batch_size)  # mini-batches over the calibration windows
     s_b = math.ceil(config.score_samples / config.batch_size)
@@ -164,7 +174,8 @@ def plan_run(model_name: str, config, *, device: str | None = None, repeats: int
         L = L0 - step
         before = dict(phases)
         if config.mode == "iterative" or step == 0:
-            phases["scoring"] += (L * (L - 1) / 2 + L) * s_b * units["block_forward"]
+            # the full pass on every rank; the L candidates' sweeps split over the ranks
+            phases["scoring"] += (L + L * (L - 1) / 2 / nproc) * s_b * units["block_forward"]
         back = (L - G) / 2 if step == 0 else (
             min((L - G) / 2, (math.ceil(L / (R - 1)) - 1) / 2) if R else 0.0)
         phases["group_input"] += max(back, 0.0) * n_b * units["block_forward"]
@@ -175,6 +186,9 @@ def plan_run(model_name: str, config, *, device: str | None = None, repeats: int
     model_bytes = 0 if config.offload == "disk" else 4 * params
     baseline = current_rss_bytes() + model_bytes
     notes = [f"{config.method}: counted as FuseGPT's loop (scoring, group input, teacher, group losses, training)"]
+    if nproc > 1:
+        notes.append(f"{nproc} processes: the time is per process (all run at once); the memory is per process; "
+                     f"gradient all-reduce time is not counted")
     if config.method not in ("fusegpt", "fusegpt-global"):
         notes.append("other methods are not counted step by step: the time is FuseGPT's with the same config")
     cache_disk = config.nsamples * config.seqlen * (info.config.get_text_config().hidden_size if hasattr(
