@@ -222,8 +222,11 @@ def quantize_checkpoint(
     t0 = time.perf_counter()
     chosen = quantize_model(model, tok, calib_ids, scheme)
     seconds = time.perf_counter() - t0
-    model.to(_DTYPES[dtype])
+    # the reference for the reload check: the quantized model with its floating-point tensors rounded to the
+    # storage dtype, computed in fp32 (both sides then differ only by what the format stores, not by bf16 math)
+    model.to(_DTYPES[dtype]).to(torch.float32)
     expect = _logits(model, check)
+    model.to(_DTYPES[dtype])
     src = resolve_source(source)
     folder = Path(loaded.info["folder"])
     meta: dict[str, Any] = {}
@@ -237,7 +240,7 @@ def quantize_checkpoint(
                             "calibration": {"source": calib, "nsamples": nsamples, "seqlen": seqlen, "seed": seed},
                             "quantized_from": str(source)}
     export_model(model, tok, out, metadata=meta, overwrite=overwrite)
-    got = AutoModelForCausalLM.from_pretrained(out, dtype=_DTYPES[dtype], local_files_only=True).eval()
+    got = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32, local_files_only=True).eval()
     reread = _logits(got, check)
     scale = expect.abs().max().item() or 1.0
     diff = (reread - expect).abs().max().item() / scale
