@@ -90,7 +90,9 @@ def run_compression(
     from .methods.base import method_info
     from .plan import format_plan, plan_run
 
-    plan = plan_run(model_name, config) if method_info(config.method).kind == "fuse" else None
+    from .distributed import world_size
+
+    plan = plan_run(model_name, config, nproc=world_size()) if method_info(config.method).kind == "fuse" else None
     if plan is not None:
         log.info("%s", format_plan(plan))
     store = None
