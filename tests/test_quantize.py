@@ -79,3 +79,24 @@ def test_gptq_of_a_dropped_model_reloads_and_evaluates(tiny_folder, tmp_path, sc
     # never over a non-empty folder without being asked; with --overwrite, replaced
     assert main(args) == 2
     shutil.rmtree(tmp_path / "q")
+
+
+@needs_llmc
+def test_compare_adds_quantized_companion_rows_and_resumes_them(tiny_folder, tmp_path):
+    out = tmp_path / "cmp"
+    base = ["compare", str(tiny_folder), "--sparsity", "0.34", "--methods", "drop-mi", "--nsamples", "16",
+            "--seqlen", "64", "--group-size", "2", "--eval-seqlen", "64", "--eval-windows", "4",
+            "--out", str(out)]
+    assert main(base) == 0
+    first = json.loads((out / "compare.json").read_text())
+    assert {r["method"] for r in first["rows"]} == {"dense", "drop-mi"}
+    # the same folder resumed with --quantize: only the companions are computed, the old rows stay as they were
+    assert main([*base, "--resume", "--quantize", "gptq-w8a16"]) == 0
+    rows = {(r["method"], r["sparsity"]): r for r in json.loads((out / "compare.json").read_text())["rows"]}
+    assert set(rows) == {("dense", 0.0), ("drop-mi", 0.34), ("dense+gptq-w8a16", 0.0), ("drop-mi+gptq-w8a16", 0.34)}
+    q, d = rows[("drop-mi+gptq-w8a16", 0.34)], rows[("drop-mi", 0.34)]
+    assert q["removed"] == d["removed"] and q["layers"] == d["layers"] and q["kind"] == "drop+quant"
+    assert q["ppl"] != d["ppl"] and abs(q["ppl"] - d["ppl"]) / d["ppl"] < 0.2  # 8-bit: close, not equal
+    assert q["extra"]["weight_bits"] == 8 and q["extra"]["quantize_seconds"] > 0
+    assert rows[("dense", 0.0)]["ppl"] == next(r["ppl"] for r in first["rows"] if r["method"] == "dense")
+    assert "drop-mi+gptq-w8a16" in (out / "compare.md").read_text()

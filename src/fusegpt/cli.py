@@ -344,7 +344,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
     data = run_compare(args.model, sparsities=args.sparsity, methods=methods, base=base, out=args.out,
                        eval_kwargs={"seqlen": args.eval_seqlen, "max_windows": args.eval_windows},
                        tasks=tasks, limit=args.limit, save_models=save, resume=args.resume,
-                       overwrite=args.overwrite, device=args.device)
+                       overwrite=args.overwrite, device=args.device,
+                       quantize=[q.strip() for q in (args.quantize or "").split(",") if q.strip()])
     print((Path(args.out) / "compare.md").read_text(encoding="utf-8"))
     print(f"wrote {args.out}/compare.md, compare.json, pareto.png ({len(data['rows'])} rows)")
     return 0
@@ -542,6 +543,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--save-models", default=None, help="export these methods' models to OUT/models (or all)")
     p.add_argument("--eval-seqlen", type=int, default=256, help="PPL window length (default 256)")
     p.add_argument("--eval-windows", type=_windows, default=128, help="PPL windows, or 'all' (default 128)")
+    p.add_argument("--quantize", default=None,
+                   help="also every row quantized with these schemes (comma-separated, e.g. gptq-w4a16,gptq-w8a16; "
+                        "needs llm-compressor: run in .venv-quant)")
     p.add_argument("--tasks", default=None, help="also zero-shot tasks for every row (see fusegpt eval --tasks)")
     p.add_argument("--limit", type=int, default=None, help="first N examples of every task")
     _add_config_flags(p, skip=_COMPARE_SKIP)

@@ -139,13 +139,24 @@ def run_compare(
     resume: bool = False,
     overwrite: bool = False,
     device: str = "auto",
+    quantize: Sequence[str] = (),
 ) -> dict[str, Any]:
-    """Run the comparison and write compare.json / compare.md / pareto.png into ``out``; returns the JSON."""
+    """Run the comparison and write compare.json / compare.md / pareto.png into ``out``; returns the JSON.
+
+    ``quantize``: quantization schemes (``fusegpt.quantize``); every row (dense included) gets a companion row
+    ``METHOD+SCHEME``: its model merged and quantized on the same calibration windows, then evaluated the same way
+    (needs llm-compressor: run compare in the quantization environment)."""
     from .device import resolve_device
 
     unknown = [m for m in methods if m not in method_names()]
     if unknown:
         raise ValueError(f"unknown methods {unknown}; available: {', '.join(method_names())}")
+    if quantize:
+        from .quantize import get_scheme, require_llmcompressor
+
+        for q in quantize:
+            get_scheme(q)
+        require_llmcompressor()
     bad = [s for s in sparsities if not 0 < s < 1]
     if bad:
         raise ValueError(f"sparsities must be in (0, 1), got {bad}")
@@ -157,7 +168,7 @@ def run_compare(
     settings = {"model": model_name, "config": {k: v for k, v in base.to_dict().items()
                                                  if k not in ("method", "sparsity", "remove", "device")},
                 "eval": eval_kwargs, "tasks": list(tasks or []), "limit": limit,
-                "sparsities": list(sparsities), "methods": list(methods)}
+                "sparsities": list(sparsities), "methods": list(methods), "quantize": list(quantize)}
     out = Path(out)
     check_writable(out)
     if tasks:
@@ -170,11 +181,14 @@ def run_compare(
     preflight(model_name, dataclasses.replace(base, sparsity=max(sparsities), remove=None, method=NAIVE))
     rows = _prepare_out(out, settings, resume=resume, overwrite=overwrite)
     have = {(r.method, r.sparsity) for r in rows}
-    todo = [(m, s) for s in sorted(sparsities) for m in methods if (m, s) not in have]
+    # a row is to do when it, or one of its quantized companions, is missing (a compression is deterministic)
+    todo = [(m, s) for s in sorted(sparsities) for m in methods
+            if (m, s) not in have or any((f"{m}+{q}", s) not in have for q in quantize)]
     dev = resolve_device(device)
-    if todo or ("dense", 0.0) not in have:  # else everything finished earlier: re-render only
+    dense_todo = ("dense", 0.0) not in have or any((f"dense+{q}", 0.0) not in have for q in quantize)
+    if todo or dense_todo:  # else everything finished earlier: re-render only
         rows += _run_rows(model_name, dev, base, settings, todo, have, rows, out, eval_kwargs=eval_kwargs,
-                          tasks=tasks, limit=limit, save_models=save_models)
+                          tasks=tasks, limit=limit, save_models=save_models, quantize=quantize)
     data = {"model": model_name, "device": str(dev), "settings": settings, "naive": NAIVE,
             "dense_ppl": next(r.ppl for r in rows if r.method == "dense"),
             "rows": [to_jsonable(r) for r in rows], "versions": versions()}
@@ -184,8 +198,10 @@ def run_compare(
 
 def _run_rows(model_name: str, dev, base: CompressConfig, settings: dict, todo: list[tuple[str, float]],
               have: set, done: list[CompareRow], out: Path, *, eval_kwargs: dict[str, Any],
-              tasks: Sequence[str] | None, limit: int | None, save_models: Sequence[str]) -> list[CompareRow]:
-    """Load the model once, then the dense row (if missing) and every (method, sparsity) of ``todo``."""
+              tasks: Sequence[str] | None, limit: int | None, save_models: Sequence[str],
+              quantize: Sequence[str] = ()) -> list[CompareRow]:
+    """Load the model once, then the dense row (if missing) and every (method, sparsity) of ``todo``, each with its
+    quantized companions (``quantize``) where missing."""
     from .models import load_model
 
     loaded = load_model(model_name, device=dev)
@@ -212,12 +228,35 @@ def _run_rows(model_name: str, dev, base: CompressConfig, settings: dict, todo: 
         _rows_log(out).append(row)
         new.append(row)
 
+    def quantized(method: str, s: float, model, base_row: dict[str, Any]) -> None:
+        """The companion rows ``method+scheme`` of one row: merged, quantized on the calibration windows, evaluated."""
+        from .export import merge_and_unload
+        from .quantize import quantize_model
+
+        for q in quantize:
+            if (f"{method}+{q}", s) in have:
+                continue
+            qm = merge_and_unload(copy.deepcopy(model))
+            t = time.perf_counter()
+            chosen = quantize_model(qm, tok, calib, q)
+            qs = time.perf_counter() - t
+            ppl, es, ts, avg = evaluate(qm)
+            keep(CompareRow(f"{method}+{q}", s, base_row["removed"], base_row["params"], base_row["layers"], ppl,
+                            base_row["seconds"] + qs, base_row["command"] + f" && fusegpt quantize OUT --scheme {q}",
+                            kind=f"{base_row['kind']}+quant", eval_seconds=es, tasks=ts, task_average=avg,
+                            extra={"quantize_seconds": qs, **chosen}))
+            log.info("compare: %s+%s at %s -> PPL %.3f", method, q, s, ppl)
+            del qm
+
     if ("dense", 0.0) not in have:
         ppl, es, ts, avg = evaluate(original)
         eval_cmd = (f"fusegpt eval {model_name} --seqlen {eval_kwargs['seqlen']} "
                     f"--max-windows {eval_kwargs['max_windows']}")
         keep(CompareRow("dense", 0.0, [], sum(p.numel() for p in original.parameters()), L, ppl, 0.0, eval_cmd,
                         kind="dense", eval_seconds=es, tasks=ts, task_average=avg))
+    if quantize:
+        dense_row = next(r for r in [*done, *new] if r.method == "dense")
+        quantized("dense", 0.0, original, dataclasses.asdict(dense_row))
     shared: dict[tuple[int, ...], CompareRow] = {tuple(sorted(r.removed)): r for r in done
                                                 if r.kind == "drop" and not r.eval_shared_with}
     for m, s in todo:
@@ -228,6 +267,10 @@ def _run_rows(model_name: str, dev, base: CompressConfig, settings: dict, todo: 
         log.info("compare: %s at sparsity %s", m, s)
         rep = compress(work, cfg, calib_ids=calib, source_model=model_name)
         kind = method_info(m).kind
+        if (m, s) in have:  # only quantized companions were missing
+            quantized(m, s, work, dataclasses.asdict(next(r for r in done if (r.method, r.sparsity) == (m, s))))
+            del work
+            continue
         key = tuple(sorted(rep.removed))
         if kind == "drop" and key in shared:
             src = shared[key]
@@ -254,6 +297,8 @@ def _run_rows(model_name: str, dev, base: CompressConfig, settings: dict, todo: 
             export_model(work, tok, out / "models" / f"{m}-{s}", metadata=meta, overwrite=True)
         keep(row)
         log.info("compare: %s at %s -> PPL %.3f (%.1f s)", m, s, ppl, rep.seconds)
+        if quantize:
+            quantized(m, s, work, dataclasses.asdict(row))
         del work
     return new
 

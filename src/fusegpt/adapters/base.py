@@ -14,6 +14,14 @@ from torch import nn
 __all__ = ["BlockContext", "Adapter", "UnsupportedModelError"]
 
 
+
+def _no_cache(fn) -> dict[str, None]:
+    """The mask makers' "no KV cache" argument: ``cache`` since transformers 5.2x, ``past_key_values`` before
+    (5.17, which llm-compressor pins)."""
+    import inspect
+
+    return {"cache" if "cache" in inspect.signature(fn).parameters else "past_key_values": None}
+
 class UnsupportedModelError(ValueError):
     """The model's architecture has no adapter."""
 
@@ -115,9 +123,8 @@ class Adapter:
         for kind in kinds:
             if kind not in makers:
                 raise UnsupportedModelError(f"attention kind {kind!r} is not supported by the {self.family} adapter")
-            out[kind] = makers[kind](
-                config=self.config, inputs_embeds=dummy, attention_mask=None, cache=None, position_ids=position_ids
-            )
+            out[kind] = makers[kind](config=self.config, inputs_embeds=dummy, attention_mask=None,
+                                     position_ids=position_ids, **_no_cache(makers[kind]))
         return out
 
     def _position_embeddings(self, dummy: torch.Tensor, position_ids: torch.Tensor, kind: str) -> Any:
