@@ -18,7 +18,7 @@ SMALL = ["--remove", "3", "--nsamples", "8", "--score-samples", "4", "--seqlen",
          "--no-eval"]
 # what legitimately differs between a resumed and an uninterrupted run: time, memory, measured peaks, versions,
 # and the FLOP counters (a resumed run recomputes its activation caches once)
-TIMING = {"seconds", "matmul_peak_flops", "flops_fraction_of_peak", "peak_memory_bytes", "flops", "evaluation",
+TIMING = {"plan", "seconds", "matmul_peak_flops", "flops_fraction_of_peak", "peak_memory_bytes", "flops", "evaluation",
           "resumed_after_step", "versions", "memory"}
 
 

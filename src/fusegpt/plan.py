@@ -154,8 +154,8 @@ def plan_run(model_name: str, config, *, device: str | None = None, repeats: int
     params = sum(p.numel() for p in skeleton.parameters())
     mem = _memory_plan(get_adapter(skeleton), config, compute)
     if nproc < 1 or config.batch_size % nproc or config.nsamples % nproc:
-        raise ValueError(f"--nproc {nproc}: --batch-size ({config.batch_size}) and --nsamples ({config.nsamples}) "
-                         f"must be multiples of it")
+        raise ValueError(f"{nproc} processes split every mini-batch evenly: --batch-size ({config.batch_size}) and "
+                         f"--nsamples ({config.nsamples}) must be multiples of {nproc}")
     units = measure_units(info.config, config, dev, compute, mem.grad_checkpoint, repeats)
     if nproc > 1:  # a rank's distillation step runs B / nproc windows
         part = copy.copy(config)
