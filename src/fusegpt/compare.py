@@ -241,8 +241,11 @@ def _run_rows(model_name: str, dev, base: CompressConfig, settings: dict, todo: 
             chosen = quantize_model(qm, tok, calib, q)
             qs = time.perf_counter() - t
             ppl, es, ts, avg = evaluate(qm)
+            qcmd = (f"fusegpt quantize {'OUT' if method != 'dense' else model_name} --scheme {q} --out OUT-{q} "
+                    f"--nsamples {calib.shape[0]} --seqlen {calib.shape[1]} --seed {base.seed}")
+            cmd = qcmd if method == "dense" else f"{base_row['command']} && {qcmd}"
             keep(CompareRow(f"{method}+{q}", s, base_row["removed"], base_row["params"], base_row["layers"], ppl,
-                            base_row["seconds"] + qs, base_row["command"] + f" && fusegpt quantize OUT --scheme {q}",
+                            base_row["seconds"] + qs, cmd,
                             kind=f"{base_row['kind']}+quant", eval_seconds=es, tasks=ts, task_average=avg,
                             extra={"quantize_seconds": qs, **chosen}))
             log.info("compare: %s+%s at %s -> PPL %.3f", method, q, s, ppl)
