@@ -100,3 +100,18 @@ def test_compare_adds_quantized_companion_rows_and_resumes_them(tiny_folder, tmp
     assert q["extra"]["weight_bits"] == 8 and q["extra"]["quantize_seconds"] > 0
     assert rows[("dense", 0.0)]["ppl"] == next(r["ppl"] for r in first["rows"] if r["method"] == "dense")
     assert "drop-mi+gptq-w8a16" in (out / "compare.md").read_text()
+
+
+@needs_llmc
+def test_more_calibration_than_the_text_holds_is_refused_before_loading(tiny_folder, tmp_path, capsys, monkeypatch):
+    import fusegpt.models
+
+    def no_load(*a, **k):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(fusegpt.models, "load_model", no_load)
+    out = tmp_path / "q"
+    assert main(["quantize", str(tiny_folder), "--scheme", "gptq-w8a16", "--out", str(out), "--nsamples", "100000",
+                 "--seqlen", "256"]) == 2
+    assert "calibration" in capsys.readouterr().err
+    assert not out.exists()

@@ -202,7 +202,7 @@ def quantize_checkpoint(
     from . import __version__
     from .data import check_window_count, load_text, sample_windows, tokenize_text
     from .export import check_output_dir, export_model, merge_and_unload
-    from .models import load_model, resolve_source
+    from .models import inspect_model, load_model, resolve_source
     from .report import versions, write_json
 
     llmc = require_llmcompressor()
@@ -210,12 +210,14 @@ def quantize_checkpoint(
     if dtype not in _DTYPES:
         raise QuantizeError(f"--dtype must be one of {', '.join(_DTYPES)}, got {dtype!r}")
     out = check_output_dir(out, overwrite)
+    # the calibration text and window count are checked with the model's tokenizer before any weight loads
+    ids = tokenize_text(inspect_model(source).tokenizer, load_text(calib))
+    check_window_count(ids.numel(), nsamples, seqlen, f"calibration source {calib!r}")
+    calib_ids = sample_windows(ids, nsamples, seqlen, torch.Generator().manual_seed(seed))
+    calibration = {"source": calib, "nsamples": nsamples, "seqlen": seqlen, "seed": seed}
     loaded = load_model(source)
     model, tok = loaded.model, loaded.tokenizer
     merge_and_unload(model)
-    ids = tokenize_text(tok, load_text(calib))
-    check_window_count(ids.numel(), nsamples, seqlen, f"calibration source {calib!r}")
-    calib_ids = sample_windows(ids, nsamples, seqlen, torch.Generator().manual_seed(seed))
     check = calib_ids[:2, : min(seqlen, 128)]
     dense = _logits(model, check)
     params = sum(p.numel() for p in model.parameters())
@@ -229,7 +231,6 @@ def quantize_checkpoint(
     model.to(_DTYPES[dtype])
     src = resolve_source(source)
     folder = Path(loaded.info["folder"])
-    meta: dict[str, Any] = {}
     if (folder / "fusegpt.json").is_file():
         meta = json.loads((folder / "fusegpt.json").read_text())
         meta.pop("versions", None)
@@ -237,8 +238,7 @@ def quantize_checkpoint(
     else:
         meta = {"source_model": str(src.name)}
     meta["quantization"] = {"scheme": scheme, **chosen, "library": f"llmcompressor {llmc.__version__}", "dtype": dtype,
-                            "calibration": {"source": calib, "nsamples": nsamples, "seqlen": seqlen, "seed": seed},
-                            "quantized_from": str(source)}
+                            "calibration": calibration, "quantized_from": str(source)}
     export_model(model, tok, out, metadata=meta, overwrite=overwrite)
     got = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32, local_files_only=True).eval()
     reread = _logits(got, check)
@@ -258,7 +258,7 @@ def quantize_checkpoint(
                             f"diff| / scale {diff:.3g} > {tol}); the folder is left for inspection")
     rep = QuantizeReport(
         source=str(source), out=str(out), scheme=scheme, summary=s.summary, **chosen, dtype=dtype,
-        calibration={"source": calib, "nsamples": nsamples, "seqlen": seqlen, "seed": seed}, seconds=seconds,
+        calibration=calibration, seconds=seconds,
         bytes_before=checkpoint_bytes(folder), bytes_after=checkpoint_bytes(out),
         params=params, verification=verification,
         versions={**versions(), "fusegpt": __version__, "llmcompressor": llmc.__version__},
