@@ -85,8 +85,11 @@ def shard(items: Sequence) -> list:
     return list(items)[rank() :: world_size()]
 
 
-def check_divisible(batch_size: int, nsamples: int) -> None:
-    n = world_size()
+def check_divisible(batch_size: int, nsamples: int, n: int | None = None) -> None:
+    """Refuse mini-batches that ``n`` processes (default: this run's) cannot split evenly."""
+    n = world_size() if n is None else n
+    if n < 1:
+        raise DistributedError(f"the process count must be >= 1, got {n}")
     if n > 1 and (batch_size % n or nsamples % n):
         raise DistributedError(f"{n} processes split every mini-batch evenly: --batch-size ({batch_size}) and "
                                f"--nsamples ({nsamples}) must be multiples of {n}")

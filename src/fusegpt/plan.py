@@ -82,14 +82,16 @@ def _two_block_model(config):
     for key in ("pad_token_id", "bos_token_id", "eos_token_id"):
         if isinstance(getattr(text, key, None), int) and getattr(text, key) >= 128:
             setattr(text, key, 0)
-    torch.manual_seed(0)
-    return AutoModelForCausalLM.from_config(cfg).eval()
+    with torch.random.fork_rng(devices=[]):  # the caller's (compress's) global generator stays as it was
+        torch.manual_seed(0)
+        return AutoModelForCausalLM.from_config(cfg).eval()
 
 
 def measure_units(config, cfg, device: torch.device, compute: torch.dtype | None, grad_checkpoint: bool,
-                  repeats: int = 3) -> dict[str, float]:
+                  repeats: int = 3, train_batch: int | None = None) -> dict[str, float]:
     """Seconds of one mini-batch (``cfg.batch_size`` windows of ``cfg.seqlen`` tokens) through one block: plain
-    forward, fused forward, and one fused distillation step (forward + backward + Adam)."""
+    forward, fused forward, and one fused distillation step (forward + backward + Adam) on ``train_batch`` of
+    those windows (default all; a data-parallel rank's share)."""
     from .activations import Runner
     from .adapters import get_adapter
     from .distill import get_loss
@@ -118,7 +120,8 @@ def measure_units(config, cfg, device: torch.device, compute: torch.dtype | None
         p.requires_grad_(True)
     opt = torch.optim.Adam([{"params": grp.params, "lr": grp.lr} for grp in groups], betas=tuple(cfg.betas))
     loss_fn = get_loss(cfg.loss) if cfg.loss == "mse" else get_loss("mse")
-    xd, yd = x.to(device), x.to(device)
+    xd = x[: train_batch or cfg.batch_size].to(device)
+    yd = xd.clone()
 
     def step():
         out = runner.forward_blocks([blocks[0]], kinds[:1], xd)
@@ -141,6 +144,7 @@ def plan_run(model_name: str, config, *, device: str | None = None, repeats: int
     from .api import _memory_plan
     from .config import num_removals
     from .device import choose_compute_dtype, current_rss_bytes, resolve_device
+    from .distributed import check_divisible
     from .models import inspect_model
 
     info = inspect_model(model_name, weights=False)
@@ -153,15 +157,10 @@ def plan_run(model_name: str, config, *, device: str | None = None, repeats: int
         skeleton = AutoModelForCausalLM.from_config(info.config)
     params = sum(p.numel() for p in skeleton.parameters())
     mem = _memory_plan(get_adapter(skeleton), config, compute)
-    if nproc < 1 or config.batch_size % nproc or config.nsamples % nproc:
-        raise ValueError(f"{nproc} processes split every mini-batch evenly: --batch-size ({config.batch_size}) and "
-                         f"--nsamples ({config.nsamples}) must be multiples of {nproc}")
-    units = measure_units(info.config, config, dev, compute, mem.grad_checkpoint, repeats)
-    if nproc > 1:  # a rank's distillation step runs B / nproc windows
-        part = copy.copy(config)
-        part.batch_size = config.batch_size // nproc
-        units["train_step"] = measure_units(info.config, part, dev, compute, mem.grad_checkpoint,
-                                            repeats)["train_step"]
+    check_divisible(config.batch_size, config.nsamples, nproc)
+    # a rank's distillation step runs B / nproc windows
+    units = measure_units(info.config, config, dev, compute, mem.grad_checkpoint, repeats,
+                          train_batch=config.batch_size // nproc)
 
     n_b = math.ceil(config.nsamples / config.batch_size)  # mini-batches over the calibration windows
     s_b = math.ceil(config.score_samples / config.batch_size)
