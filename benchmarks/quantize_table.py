@@ -28,6 +28,11 @@ def run(cmd: list[str]) -> None:
     subprocess.run(cmd, check=True)
 
 
+def _slug(name: str) -> str:
+    """File stem of a row: "FuseGPT 25% + W4" -> "fusegpt25-w4"."""
+    return name.lower().replace(" + ", "-").replace(" ", "").replace("%", "")
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--fused", type=Path, required=True, help="a FuseGPT export folder (25%%)")
@@ -56,7 +61,7 @@ def main() -> int:
     folders: dict[str, Path] = {}
     quant: dict[str, dict] = {}
     for name, folder, q in rows:
-        slug = name.lower().replace(" + ", "-").replace(" ", "").replace("%", "")
+        slug = _slug(name)
         if q is not None:
             src, scheme = q
             folder = args.work / slug
@@ -84,7 +89,7 @@ def main() -> int:
     out_rows = []
     for name, _, _ in rows:
         folder = folders[name]
-        slug = name.lower().replace(" + ", "-").replace(" ", "").replace("%", "")
+        slug = _slug(name)
         ev = json.loads((args.work / f"{slug}.eval.json").read_text())
         cfg = json.loads((folder / "config.json").read_text())
         params = quant[name]["params"] if name in quant else ev["params"]

@@ -228,7 +228,7 @@ def _run_rows(model_name: str, dev, base: CompressConfig, settings: dict, todo: 
         _rows_log(out).append(row)
         new.append(row)
 
-    def quantized(method: str, s: float, model, base_row: dict[str, Any]) -> None:
+    def quantized(method: str, s: float, model, base_row: CompareRow) -> None:
         """The companion rows ``method+scheme`` of one row: merged, quantized on the calibration windows, evaluated."""
         from .export import merge_and_unload
         from .quantize import quantize_model
@@ -243,10 +243,10 @@ def _run_rows(model_name: str, dev, base: CompressConfig, settings: dict, todo: 
             ppl, es, ts, avg = evaluate(qm)
             qcmd = (f"fusegpt quantize {'OUT' if method != 'dense' else model_name} --scheme {q} --out OUT-{q} "
                     f"--nsamples {calib.shape[0]} --seqlen {calib.shape[1]} --seed {base.seed}")
-            cmd = qcmd if method == "dense" else f"{base_row['command']} && {qcmd}"
-            keep(CompareRow(f"{method}+{q}", s, base_row["removed"], base_row["params"], base_row["layers"], ppl,
-                            base_row["seconds"] + qs, cmd,
-                            kind=f"{base_row['kind']}+quant", eval_seconds=es, tasks=ts, task_average=avg,
+            cmd = qcmd if method == "dense" else f"{base_row.command} && {qcmd}"
+            keep(CompareRow(f"{method}+{q}", s, base_row.removed, base_row.params, base_row.layers, ppl,
+                            base_row.seconds + qs, cmd,
+                            kind=f"{base_row.kind}+quant", eval_seconds=es, tasks=ts, task_average=avg,
                             extra={"quantize_seconds": qs, **chosen}))
             log.info("compare: %s+%s at %s -> PPL %.3f", method, q, s, ppl)
             del qm
@@ -259,7 +259,7 @@ def _run_rows(model_name: str, dev, base: CompressConfig, settings: dict, todo: 
                         kind="dense", eval_seconds=es, tasks=ts, task_average=avg))
     if quantize:
         dense_row = next(r for r in [*done, *new] if r.method == "dense")
-        quantized("dense", 0.0, original, dataclasses.asdict(dense_row))
+        quantized("dense", 0.0, original, dense_row)
     shared: dict[tuple[int, ...], CompareRow] = {tuple(sorted(r.removed)): r for r in done
                                                 if r.kind == "drop" and not r.eval_shared_with}
     for m, s in todo:
@@ -271,7 +271,7 @@ def _run_rows(model_name: str, dev, base: CompressConfig, settings: dict, todo: 
         rep = compress(work, cfg, calib_ids=calib, source_model=model_name)
         kind = method_info(m).kind
         if (m, s) in have:  # only quantized companions were missing
-            quantized(m, s, work, dataclasses.asdict(next(r for r in done if (r.method, r.sparsity) == (m, s))))
+            quantized(m, s, work, next(r for r in done if (r.method, r.sparsity) == (m, s)))
             del work
             continue
         key = tuple(sorted(rep.removed))
@@ -301,7 +301,7 @@ def _run_rows(model_name: str, dev, base: CompressConfig, settings: dict, todo: 
         keep(row)
         log.info("compare: %s at %s -> PPL %.3f (%.1f s)", m, s, ppl, rep.seconds)
         if quantize:
-            quantized(m, s, work, dataclasses.asdict(row))
+            quantized(m, s, work, row)
         del work
     return new
 

@@ -77,9 +77,10 @@ def run_compression(
     The run is persisted in ``out/.fusegpt-run`` after every finished step; ``resume`` continues it there. The
     export replaces that folder with the checkpoint, report and plots in one atomic rename.
     """
+    from .distributed import barrier, is_main, world_size
+    from .methods.base import method_info
     from .models import load_model, source_fingerprint
-
-    from .distributed import barrier, is_main
+    from .plan import format_plan, plan_run
 
     out = Path(out)
     if resume:
@@ -87,11 +88,6 @@ def run_compression(
     elif is_main():  # under torch.distributed rank 0 alone writes --out
         check_output_dir(out, overwrite)
     preflight(model_name, config)  # every refusal happens here, before loading
-    from .methods.base import method_info
-    from .plan import format_plan, plan_run
-
-    from .distributed import world_size
-
     plan = plan_run(model_name, config, nproc=world_size()) if method_info(config.method).kind == "fuse" else None
     if plan is not None:
         log.info("%s", format_plan(plan))
