@@ -83,9 +83,18 @@ def preflight(model_name: str, config: CompressConfig) -> ModelInfo:
         raise ConfigError(f"--offload disk streams blocks from the checkpoint; {config.method} reads or changes "
                           f"weights outside the loaded blocks: use --offload cpu, or one of {', '.join(ok)}")
     config.validate(info.num_blocks, info.max_positions)
+    _check_data_parallel(config)
     ids = tokenize_text(info.tokenizer, load_text(config.calib))
     check_window_count(ids.numel(), config.nsamples, config.seqlen, f"calibration source {config.calib!r}")
     return info
+
+
+def _check_data_parallel(config: CompressConfig) -> None:
+    """Under torch.distributed, methods that train split every mini-batch over the processes: refuse uneven ones."""
+    if method_info(config.method).kind in ("fuse", "heal"):
+        from .distributed import check_divisible
+
+        check_divisible(config.batch_size, config.nsamples)
 
 
 def calibration_windows(tokenizer, cfg: CompressConfig) -> torch.Tensor:
@@ -120,10 +129,7 @@ def compress(
     adapter = get_adapter(model)
     L0 = adapter.num_blocks
     config.validate(L0)
-    if method_info(config.method).kind in ("fuse", "heal"):
-        from .distributed import check_divisible
-
-        check_divisible(config.batch_size, config.nsamples)
+    _check_data_parallel(config)
     if calib_ids is None:
         if tokenizer is None:
             raise ValueError("compress needs a tokenizer or calib_ids")
