@@ -227,11 +227,13 @@ def _choices(name: str) -> list[str]:
 
         return [m for m in method_names() if not (name == "--heal-from" and m == "heal-lora")]
     return {"--mode": list(c.MODES), "--train": list(c.TRAIN_MODES), "--loss": list(c.loss_names()),
+            "--aux-loss": list(c.loss_names()), "--target": list(c.TARGETS),
             "--coef": list(c.coef_kinds()), "--compute-dtype": list(c.COMPUTE), "--offload": list(c.OFFLOADS),
             "--cache-dtype": ["auto", "fp32"], "--grad-checkpoint": ["auto", "on", "off"]}[name]
 
 
-_CHOICE_FLAGS = ("--method", "--mode", "--train", "--loss", "--coef", "--compute-dtype", "--heal-from", "--offload",
+_CHOICE_FLAGS = ("--method", "--mode", "--train", "--loss", "--aux-loss", "--target", "--coef", "--compute-dtype",
+                 "--heal-from", "--offload",
                  "--cache-dtype", "--grad-checkpoint")
 _CONFIG_FLAGS = [
     # (flag, type, help) -> CompressConfig field of the same name (dashes -> underscores); the flags of
@@ -245,7 +247,15 @@ _CONFIG_FLAGS = [
     ("--coef-rank", int, "rank of the low-rank coefficient (reference 128)"),
     ("--lora-rank", int, "rank of the LoRA on receiving weights (reference 128; 0 = none)"),
     ("--train", str, "what distillation trains: coef, coef+lora or full"),
-    ("--loss", str, "distillation loss: kl-batch (reference), kl-hidden, mse or cosine"),
+    ("--loss", str, "distillation loss: mse (cpu preset), kl-batch (reference), nmse (per-token normalised), "
+                    "cosine, kl-hidden, mse-norm (after the frozen final norm), logit-kl (next-token KL through "
+                    "the frozen head)"),
+    ("--aux-loss", str, "an auxiliary loss added to --loss with weight --aux-weight"),
+    ("--aux-weight", float, "weight of --aux-loss (default 0 = none)"),
+    ("--target", str, "distillation target: current (the pruned model's group output, default) or dense (the "
+                      "original model's hidden state, cached before the first removal)"),
+    ("--warmup", float, "linear lr warm-up over this fraction of each distillation's steps (default 0)"),
+    ("--clip-grad", float, "clip the gradient norm of the trained parameters (default 0 = off)"),
     ("--epochs", int, "distillation epochs per removal"),
     ("--lr", float, "learning rate of LoRA, norms (and weights with --train full)"),
     ("--coef-lr", float, "learning rate of the fusion coefficients"),
@@ -282,6 +292,9 @@ def _add_config_flags(p: argparse.ArgumentParser, skip: tuple[str, ...] = ()) ->
                    help="merge receiving layers after each step (cpu preset)")
     p.add_argument("--no-consolidate", dest="consolidate", action="store_false",
                    help="keep every coefficient trainable across steps (the reference)")
+    p.add_argument("--fold-norms", dest="fold_norms", action="store_true", default=None,
+                   help="fold the donor's input-norm gains into its weights before injection")
+    p.add_argument("--no-fold-norms", dest="fold_norms", action="store_false", help="inject the donor's weights as is")
     p.add_argument("--blocks", type=_int_list, default=None,
                    help="remove these original block indices in this order, without scoring (ablations)")
     p.add_argument("--preset", default=None, choices=["cpu", "paper"], help="paper or cpu (default cpu)")
@@ -302,6 +315,8 @@ def config_from_args(args: argparse.Namespace):
         values["blocks"] = args.blocks
     if args.consolidate is not None:
         values["consolidate"] = args.consolidate
+    if getattr(args, "fold_norms", None) is not None:
+        values["fold_norms"] = args.fold_norms
     if "remove" in values and "sparsity" not in values:
         values["sparsity"] = None
     if args.device != "auto":

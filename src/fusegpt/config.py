@@ -18,6 +18,7 @@ class ConfigError(ValueError):
 
 MODES = ("iterative", "oneshot")
 TRAIN_MODES = ("coef", "coef+lora", "full")
+TARGETS = ("current", "dense")
 COMPUTE = ("auto", "fp32", "bf16", "fp16")
 OFFLOADS = ("cpu", "disk")
 
@@ -54,7 +55,17 @@ class CompressConfig:
     coef_rank: int = 128
     lora_rank: int = 128
     train: Literal["coef", "coef+lora", "full"] = "coef+lora"
-    loss: Literal["kl-batch", "kl-hidden", "mse", "cosine"] = "mse"
+    loss: str = "mse"  # a registered loss (fusegpt.distill.losses): mse, nmse, cosine, kl-*, mse-norm, logit-kl
+    # an auxiliary loss added to `loss` with weight `aux_weight` (e.g. logit-kl through the frozen head)
+    aux_loss: str | None = None
+    aux_weight: float = 0.0
+    # what the group learns to reproduce: the current (already pruned) model's group output (today's), or the
+    # original dense model's hidden state at the same place (cached once, before the first removal), so errors of
+    # earlier removals are corrected instead of added up
+    target: Literal["current", "dense"] = "current"
+    # fold the donor's input-norm gains into its weights before injection (W_d diag(g_d / g_r)): the donor term
+    # then sees its own norm's scaling, not the receiver's
+    fold_norms: bool = False
     # merge every receiving layer into a plain linear after its step (later steps inject the merged weights and
     # no longer train earlier coefficients); False = the reference, which keeps every coefficient trainable
     consolidate: bool = True
@@ -63,6 +74,9 @@ class CompressConfig:
     coef_lr: float = 1e-2  # the reference uses 1e-3
     betas: tuple[float, float] = (0.9, 0.95)
     weight_decay: float = 0.0
+    # linear lr warm-up over this fraction of each distillation's steps (then cosine); gradient-norm clip (0 = off)
+    warmup: float = 0.0
+    clip_grad: float = 0.0
     batch_size: int = 4
     shuffle: bool = True
     # divergence: a distillation loss past this factor x its first step's value (or non-finite) restores the
@@ -123,6 +137,13 @@ class CompressConfig:
         need(self.train in TRAIN_MODES, f"--train must be one of {TRAIN_MODES}, got {self.train!r}")
         losses, coefs = loss_names(), coef_kinds()
         need(self.loss in losses, f"--loss must be one of {losses}, got {self.loss!r}")
+        need(self.aux_loss is None or self.aux_loss in losses,
+             f"--aux-loss must be one of {losses}, got {self.aux_loss!r}")
+        need(self.aux_weight >= 0, f"--aux-weight must be >= 0, got {self.aux_weight}")
+        need(self.aux_weight == 0 or self.aux_loss is not None, "--aux-weight needs --aux-loss NAME")
+        need(self.target in TARGETS, f"--target must be one of {TARGETS}, got {self.target!r}")
+        need(0 <= self.warmup < 1, f"--warmup is a fraction of the steps in [0, 1), got {self.warmup}")
+        need(self.clip_grad >= 0, f"--clip-grad must be >= 0 (0 = off), got {self.clip_grad}")
         need(self.coef in coefs, f"--coef must be one of {coefs}, got {self.coef!r}")
         need(self.compute_dtype in COMPUTE, f"--compute-dtype must be one of {COMPUTE}, got {self.compute_dtype!r}")
         need(self.group_size >= 1, f"--group-size must be >= 1, got {self.group_size}")

@@ -1,26 +1,77 @@
-"""Group-distillation losses: student and teacher are [B, T, H] group outputs."""
+"""Group-distillation losses: student and teacher are [B, T, H] group outputs (the residual stream).
+
+Two kinds, one registry:
+
+- hidden-state losses ``fn(student, teacher)`` compare the residual streams directly (``mse``, ``nmse``,
+  ``cosine``, ``kl-batch``, ``kl-hidden``);
+- head losses ``fn(student, teacher, head)`` look at the streams through the model's frozen final norm (and LM
+  head): ``mse-norm`` (MSE after the final norm), ``logit-kl`` (KL of next-token distributions). A few very large
+  residual channels dominate every raw hidden-state distance; the final norm rescales them the way the model's own
+  prediction does, and the logits are what the model is judged on. ``head`` is a :class:`LossHead` (the adapter's
+  final norm and LM head, run under the compute dtype's autocast); no gradient reaches its weights.
+
+:func:`build_loss` turns a name (and an optional weighted auxiliary loss) into one ``fn(student, teacher)``.
+"""
 
 from __future__ import annotations
 
-from typing import Callable
+import contextlib
+from dataclasses import dataclass
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 
-__all__ = ["LOSSES", "get_loss", "register_loss"]
+__all__ = ["LOSSES", "LossHead", "build_loss", "get_loss", "register_loss", "needs_head"]
 
-LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+LossFn = Callable[..., torch.Tensor]
 LOSSES: dict[str, LossFn] = {}
+_NEEDS_HEAD: set[str] = set()
 
 
-def register_loss(name: str) -> Callable[[LossFn], LossFn]:
+def register_loss(name: str, *, head: bool = False) -> Callable[[LossFn], LossFn]:
+    """Register a loss; ``head=True``: it is called as ``fn(student, teacher, head)``."""
+
     def deco(fn: LossFn) -> LossFn:
+        if name in LOSSES:
+            raise ValueError(f"loss {name!r} registered twice")
         LOSSES[name] = fn
+        if head:
+            _NEEDS_HEAD.add(name)
         return fn
 
     return deco
 
 
+def needs_head(name: str) -> bool:
+    return name in _NEEDS_HEAD
+
+
+@dataclass
+class LossHead:
+    """The frozen end of the model for head losses: ``norm(h)`` = final norm, ``logits(h)`` = final norm + LM head.
+    ``autocast`` is a context factory (the runner's compute dtype); ``chunk`` = tokens per logits chunk (each chunk's
+    [chunk, V] logits are recomputed in backward, so memory holds one chunk, not [B, T, V])."""
+
+    norm_fn: Callable[[torch.Tensor], torch.Tensor]
+    logits_fn: Callable[[torch.Tensor], torch.Tensor]
+    autocast: Callable[[], Any] = contextlib.nullcontext
+    chunk: int = 512
+
+    @classmethod
+    def for_runner(cls, runner) -> "LossHead":
+        from ..device import autocast
+
+        return cls(runner.adapter.final_norm, runner.adapter.head,
+                   lambda: autocast(runner.device, runner.compute_dtype))
+
+    def norm(self, h: torch.Tensor) -> torch.Tensor:
+        with self.autocast():
+            return self.norm_fn(h)
+
+
+# ---- hidden-state losses -------------------------------------------------------------------------------------
 @register_loss("kl-batch")
 def kl_batch(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
     """The reference loss: KL(softmax(teacher) || softmax(student)) with softmax over the *batch* axis (dim 0),
@@ -41,13 +92,71 @@ def mse(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
     return F.mse_loss(student.float(), teacher.float())
 
 
+@register_loss("nmse")
+def nmse(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+    """Per-token normalised MSE: mean over tokens of ||s - t||^2 / ||t||^2 (every token counts the same, whatever
+    the scale of its residual stream)."""
+    s, t = student.float(), teacher.float()
+    return ((s - t).pow(2).sum(-1) / t.pow(2).sum(-1).clamp_min(1e-12)).mean()
+
+
 @register_loss("cosine")
 def cosine(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
     """1 - mean token cosine similarity."""
     return 1.0 - F.cosine_similarity(student.float(), teacher.float(), dim=-1).mean()
 
 
-def get_loss(name: str) -> LossFn:
+# ---- head losses ---------------------------------------------------------------------------------------------
+@register_loss("mse-norm", head=True)
+def mse_norm(student: torch.Tensor, teacher: torch.Tensor, head: LossHead) -> torch.Tensor:
+    """MSE after the frozen final norm (the scale the LM head sees)."""
+    with torch.no_grad():
+        t = head.norm(teacher).float()
+    return F.mse_loss(head.norm(student).float(), t)
+
+
+def _kl_chunk(s: torch.Tensor, t: torch.Tensor, logits_fn, autocast) -> torch.Tensor:
+    with autocast():
+        ls = logits_fn(s)
+    with torch.no_grad(), autocast():
+        lt = logits_fn(t)
+    return F.kl_div(F.log_softmax(ls.float(), -1), F.log_softmax(lt.float(), -1), reduction="sum", log_target=True)
+
+
+@register_loss("logit-kl", head=True)
+def logit_kl(student: torch.Tensor, teacher: torch.Tensor, head: LossHead) -> torch.Tensor:
+    """KL(teacher || student) of the next-token distributions through the frozen final norm + LM head, mean over
+    tokens. Chunked over tokens with recomputation, so the [tokens, V] logits of one chunk are held at a time."""
+    s = student.reshape(-1, student.shape[-1])
+    t = teacher.reshape(-1, teacher.shape[-1])
+    total = s.new_zeros((), dtype=torch.float32)
+    for i in range(0, s.shape[0], head.chunk):
+        args = (s[i : i + head.chunk], t[i : i + head.chunk], head.logits_fn, head.autocast)
+        if torch.is_grad_enabled() and s.requires_grad:
+            total = total + torch.utils.checkpoint.checkpoint(_kl_chunk, *args, use_reentrant=False)
+        else:
+            total = total + _kl_chunk(*args)
+    return total / s.shape[0]
+
+
+# ---- lookup --------------------------------------------------------------------------------------------------
+def get_loss(name: str, head: LossHead | None = None) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """The loss ``name`` as ``fn(student, teacher)`` (head losses bound to ``head``)."""
     if name not in LOSSES:
         raise ValueError(f"unknown loss {name!r}; use one of {sorted(LOSSES)}")
-    return LOSSES[name]
+    fn = LOSSES[name]
+    if name in _NEEDS_HEAD:
+        if head is None:
+            raise ValueError(f"loss {name!r} looks through the model's final norm / LM head: pass head=LossHead")
+        return lambda s, t: fn(s, t, head)
+    return fn
+
+
+def build_loss(name: str, *, aux: str | None = None, aux_weight: float = 0.0,
+               head: LossHead | None = None) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """``name`` plus ``aux_weight`` x ``aux`` (when both are set) as one ``fn(student, teacher)``."""
+    main = get_loss(name, head)
+    if not aux or aux_weight == 0:
+        return main
+    extra = get_loss(aux, head)
+    return lambda s, t: main(s, t) + aux_weight * extra(s, t)

@@ -13,8 +13,8 @@ from tqdm.auto import tqdm
 from ..activations import Runner
 from ..device import trim_heap
 from ..distributed import all_reduce_grads, gather_batch, split_batch, world_size
-from .losses import get_loss
-from .schedule import cosine_factor
+from .losses import LossHead, build_loss, get_loss, needs_head
+from .schedule import lr_factor
 
 __all__ = ["TrainSettings", "TrainResult", "ParamGroup", "train_group", "group_loss"]
 
@@ -37,6 +37,18 @@ class TrainSettings:
     shuffle: bool = True
     # a loss above this factor times the first step's loss counts as divergence (0 = only non-finite losses)
     diverge_factor: float = 0.0
+    # an auxiliary loss added with this weight (None / 0 = none)
+    aux_loss: str | None = None
+    aux_weight: float = 0.0
+    # linear learning-rate warm-up over this fraction of the steps, then cosine; gradient-norm clipping (0 = off)
+    warmup: float = 0.0
+    clip_grad: float = 0.0
+
+    def loss_fn(self, runner: Runner) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+        """The configured loss (+ auxiliary term) as one ``fn(student, teacher)`` for this runner's model."""
+        aux = self.aux_loss if self.aux_weight else None
+        head = LossHead.for_runner(runner) if needs_head(self.loss) or (aux and needs_head(aux)) else None
+        return build_loss(self.loss, aux=aux, aux_weight=self.aux_weight, head=head)
 
 
 @dataclass
@@ -55,7 +67,7 @@ class TrainResult:
 def group_loss(runner: Runner, blocks: Sequence[nn.Module], kinds: Sequence[str], inputs: torch.Tensor,
                targets: torch.Tensor, loss: str) -> float:
     """Mean loss of the group on [N, T, H] inputs vs. targets (no gradients), mini-batched."""
-    fn = get_loss(loss)
+    fn = get_loss(loss, LossHead.for_runner(runner) if needs_head(loss) else None)
     total, n = 0.0, 0
     for s in range(0, inputs.shape[0], runner.batch_size):
         x = inputs[s : s + runner.batch_size].to(runner.device)
@@ -80,7 +92,8 @@ def train_group(
     on_epoch: Callable[[int, float], None] | None = None,
     loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
 ) -> TrainResult:
-    """Adam + cosine schedule over ``epochs`` passes of mini-batches.
+    """Adam + cosine schedule (optionally after a linear warm-up; optional gradient-norm clipping) over ``epochs``
+    passes of mini-batches.
 
     ``inputs`` / ``targets``: [N, T, H] on the offload device. Blocks run in eval mode (no dropout), like the
     teacher. A non-finite loss stops training and restores
@@ -102,10 +115,11 @@ def train_group(
         betas=settings.betas, eps=settings.eps, weight_decay=settings.weight_decay,
     )
     base_lrs = [pg["lr"] for pg in opt.param_groups]
-    fn = loss_fn or get_loss(settings.loss)
+    fn = loss_fn or settings.loss_fn(runner)
     n = inputs.shape[0]
     per_epoch = (n + settings.batch_size - 1) // settings.batch_size
     total_steps = settings.epochs * per_epoch
+    warmup = int(round(settings.warmup * total_steps))
     # the blocks stay in eval mode: the teacher ran in eval mode, so the student must compute the same function
     # (training mode would switch dropout on for models whose config has it)
     bar = tqdm(total=total_steps, desc=desc, disable=desc is None, leave=False)
@@ -120,7 +134,7 @@ def train_group(
                 x = inputs[split_batch(idx)].to(runner.device)
                 y = targets[idx].to(runner.device)
                 for pg, lr in zip(opt.param_groups, base_lrs):
-                    pg["lr"] = lr * cosine_factor(res.steps, total_steps)
+                    pg["lr"] = lr * lr_factor(res.steps, total_steps, warmup)
                 out = gather_batch(runner.forward_blocks(blocks, kinds, x))
                 loss = fn(out, y)
                 if not torch.isfinite(loss):
@@ -138,6 +152,8 @@ def train_group(
                 # every rank holds the same loss; the gather's backward sums the ranks' gradients for each part
                 (loss / world_size()).backward()
                 all_reduce_grads(params)
+                if settings.clip_grad > 0:
+                    torch.nn.utils.clip_grad_norm_(params, settings.clip_grad)
                 opt.step()
                 del loss
                 trim_heap()
