@@ -71,6 +71,10 @@ class Adapter:
     family: ClassVar[str] = "base"
     # where block i's tensors live in the checkpoint: f"{blocks_prefix}.{i}.<name>"
     blocks_prefix: ClassVar[str] = "model.layers"
+    # the RMSNorm whose output a linear reads (linear name -> norm path in the block); linears fed by something
+    # else (o_proj, down_proj) are absent. The norm's gain is ``norm_offset + weight`` (Gemma: 1 + w).
+    linear_norms: ClassVar[dict[str, str]] = {}
+    norm_offset: ClassVar[float] = 0.0
 
     def __init__(self, model: nn.Module) -> None:
         self.model = model
@@ -168,6 +172,13 @@ class Adapter:
         for name in self.linear_names:
             out[name] = block.get_submodule(name)
         return out
+
+    def input_gain(self, block: nn.Module, linear_name: str) -> torch.Tensor | None:
+        """The per-channel gain of the norm that feeds ``linear_name`` in ``block`` ([in_features]), or None."""
+        norm = self.linear_norms.get(linear_name)
+        if norm is None:
+            return None
+        return self.norm_offset + block.get_submodule(norm).weight.detach().float()
 
     def block_macs_per_token(self, block: nn.Module, seqlen: int) -> float:
         """Multiply-accumulates per token of one block: its linears plus attention scores and mixing over

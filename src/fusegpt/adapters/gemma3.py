@@ -23,6 +23,16 @@ class Gemma3Adapter(Adapter):
         "mlp.up_proj",
         "mlp.down_proj",
     )
+    # Gemma3 normalises the MLP input with pre_feedforward_layernorm (post_attention_layernorm acts on the
+    # attention output); its RMSNorm scales by (1 + weight)
+    linear_norms = {
+        "self_attn.q_proj": "input_layernorm",
+        "self_attn.k_proj": "input_layernorm",
+        "self_attn.v_proj": "input_layernorm",
+        "mlp.gate_proj": "pre_feedforward_layernorm",
+        "mlp.up_proj": "pre_feedforward_layernorm",
+    }
+    norm_offset = 1.0
 
     def check(self, model) -> None:
         super().check(model)

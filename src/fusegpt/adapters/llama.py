@@ -14,6 +14,13 @@ _LLAMA_LINEARS = (
     "mlp.up_proj",
     "mlp.down_proj",
 )
+_LLAMA_NORMS = {
+    "self_attn.q_proj": "input_layernorm",
+    "self_attn.k_proj": "input_layernorm",
+    "self_attn.v_proj": "input_layernorm",
+    "mlp.gate_proj": "post_attention_layernorm",
+    "mlp.up_proj": "post_attention_layernorm",
+}
 
 
 @register_adapter
@@ -21,6 +28,7 @@ class LlamaAdapter(Adapter):
     family = "llama"
     model_types = ("llama",)
     linear_names = _LLAMA_LINEARS
+    linear_norms = _LLAMA_NORMS
 
 
 @register_adapter
@@ -30,6 +38,7 @@ class MistralAdapter(Adapter):
     family = "mistral"
     model_types = ("mistral",)
     linear_names = _LLAMA_LINEARS
+    linear_norms = _LLAMA_NORMS
 
     def block_kinds(self) -> list[str]:
         kind = "sliding_attention" if getattr(self.config, "sliding_window", None) else "full_attention"
@@ -43,6 +52,7 @@ class Qwen2Adapter(Adapter):
     family = "qwen2"
     model_types = ("qwen2",)
     linear_names = _LLAMA_LINEARS
+    linear_norms = _LLAMA_NORMS
 
 
 @register_adapter
@@ -52,3 +62,4 @@ class Qwen3Adapter(Adapter):
     family = "qwen3"
     model_types = ("qwen3",)
     linear_names = _LLAMA_LINEARS
+    linear_norms = _LLAMA_NORMS

@@ -11,6 +11,7 @@ class Phi3Adapter(Adapter):
     family = "phi3"
     model_types = ("phi3",)
     linear_names = ("self_attn.qkv_proj", "self_attn.o_proj", "mlp.gate_up_proj", "mlp.down_proj")
+    linear_norms = {"self_attn.qkv_proj": "input_layernorm", "mlp.gate_up_proj": "post_attention_layernorm"}
 
     def block_kinds(self) -> list[str]:
         kind = "sliding_attention" if getattr(self.config, "sliding_window", None) else "full_attention"

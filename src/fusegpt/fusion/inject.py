@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from .linear import FusedLinear
+from .math import fold_gain
 
 __all__ = ["wrap_block", "inject_donor", "merge_fused_linears", "fused_linears", "block_spec", "rebuild_block"]
 
@@ -36,16 +37,21 @@ def wrap_block(
 @torch.no_grad()
 def inject_donor(
     adapter, donor: nn.Module, receivers: Sequence[nn.Module], *, coef_kind: str, coef_rank: int, lora_rank: int,
-    generator: torch.Generator | None = None,
+    generator: torch.Generator | None = None, fold_norms: bool = False,
 ) -> None:
     """Give every receiver block the donor's effective weights, each with a new zero coefficient.
 
-    After this call the receivers compute exactly what they computed before (all new terms are zero).
+    ``fold_norms``: a donor linear fed by an input norm gets ``W diag(g_donor / g_receiver)`` (:func:`fold_gain`),
+    so its term sees the donor's own norm scaling. After this call the receivers compute exactly what they computed
+    before (all new terms are zero).
     """
     donor_linears = {name: _effective(lin) for name, lin in adapter.block_linears(donor).items()}
     for block in receivers:
         for name, fl in wrap_block(adapter, block, lora_rank=lora_rank, generator=generator).items():
             w, b = donor_linears[name]
+            g_d = adapter.input_gain(donor, name) if fold_norms else None
+            if g_d is not None:
+                w = fold_gain(w, g_d.to(w.device), adapter.input_gain(block, name).to(w.device))
             fl.add_donor(w, b, coef_kind=coef_kind, coef_rank=coef_rank, generator=generator)
 
 

@@ -13,7 +13,7 @@ from typing import Sequence
 
 import torch
 
-__all__ = ["fused_weight", "fused_bias", "fused_linear", "coef_value", "rdsc_merge", "average_merge"]
+__all__ = ["fused_weight", "fused_bias", "fused_linear", "coef_value", "rdsc_merge", "average_merge", "fold_gain"]
 
 
 def fused_weight(
@@ -41,6 +41,20 @@ def fused_bias(
     for coef, donor in terms:
         out = out + coef * donor
     return out
+
+
+def fold_gain(weight: torch.Tensor, donor_gain: torch.Tensor, receiver_gain: torch.Tensor,
+              rel_eps: float = 1e-2) -> torch.Tensor:
+    """A donor linear's weight as the receiver's input norm will feed it: ``W diag(g_d / g_r)``.
+
+    The donor computed ``W (g_d * n(x))``; inside the receiver its term reads ``g_r * n(x)``, so scaling input
+    channel j by g_d[j] / g_r[j] gives back the donor's own normalisation. Receiver gains smaller in magnitude than
+    ``rel_eps`` x their mean magnitude are raised to that floor (keeping their sign), so a dead channel cannot blow
+    the ratio up."""
+    floor = rel_eps * receiver_gain.abs().mean().clamp_min(1e-12)
+    sign = torch.where(receiver_gain < 0, -1.0, 1.0).to(receiver_gain.dtype)
+    safe = torch.where(receiver_gain.abs() < floor, sign * floor, receiver_gain)
+    return weight * (donor_gain / safe).to(weight.dtype)[None, :]
 
 
 def rdsc_merge(base: torch.Tensor, others: Sequence[torch.Tensor]) -> torch.Tensor:
