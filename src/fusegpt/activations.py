@@ -23,7 +23,7 @@ from .adapters import Adapter, BlockContext
 from .device import autocast, trim_heap
 from .offload import is_materialized
 
-__all__ = ["Runner", "ActivationCache", "cache_dtype"]
+__all__ = ["Runner", "ActivationCache", "cache_dtype", "entry_store"]
 
 
 def cache_dtype(setting: str, compute: torch.dtype | None) -> torch.dtype:
@@ -205,6 +205,12 @@ class _MemoryEntries:
         self.data.clear()
 
 
+def entry_store(disk: str | os.PathLike | None = None):
+    """A keyed store of [N, T, H] tensors (``put`` / ``get`` / ``keys`` / ``drop`` / ``close``): in memory, or as
+    files in the folder ``disk`` (read back on demand)."""
+    return _DiskEntries(Path(disk)) if disk is not None else _MemoryEntries()
+
+
 class ActivationCache:
     """Inputs of the blocks of the current model for a fixed set of sequences, filled lazily, memory-bounded.
 
@@ -229,7 +235,7 @@ class ActivationCache:
         self.runner = runner
         self.max_resident = max_resident
         self.input_ids = input_ids
-        self.store = _DiskEntries(Path(disk)) if disk is not None else _MemoryEntries()
+        self.store = entry_store(disk)
         if max_resident is None:
             first = runner.embed(input_ids, dtype)
             self.dtype = first.dtype

@@ -29,6 +29,7 @@ from .device import (
 )
 from .memory import AUTO_CHECKPOINT_BYTES, MemoryEstimate, estimate_memory, trainable_params
 from .methods import Job, StepReport, get_method, method_info
+from .methods.fusegpt import dense_target_count
 from .models import ModelInfo, inspect_model
 from .report import versions
 
@@ -231,7 +232,8 @@ def _memory_plan(adapter, config: CompressConfig, compute: torch.dtype | None) -
               trainable=g * trainable_params(lins, norms, coef=config.coef, coef_rank=config.coef_rank,
                                              lora_rank=config.lora_rank, train=config.train),
               receiver_linear_params=g * sum(o * i for o, i, _ in lins), largest_linear=max(o * i for o, i, _ in lins),
-              block_bytes=4 * sum(p.numel() for p in block.parameters()))
+              block_bytes=4 * sum(p.numel() for p in block.parameters()),
+              targets=dense_target_count(config, adapter.num_blocks))
     off = estimate_memory(**kw, grad_checkpoint=False)
     with_ckpt = estimate_memory(**kw, grad_checkpoint=True)
     # auto: checkpoint when it saves more than 1 GiB (activations, attention matrices and the fused weights'

@@ -17,6 +17,8 @@ MLP width I), the group (G receivers, mini-batch B) and the cache policy (R resi
   weight-sized gradients of its backward (G = g^T x and G ⊙ D), at most four out x in x 4 bytes. Without gradient
   checkpointing every student block keeps its activations, probabilities and W_eff; with it, every block keeps its
   input (B x T x H x 4), one block at a time holds the rest, and W_eff is formed again in backward (not kept);
+- dense targets (``--target dense``): the original model's hidden states at D block boundaries, D x N x T x H x
+  b_cache, in memory with offload = cpu (files with offload = disk);
 - scoring: the full and the skipped final hidden states of the S scoring windows and one running copy
   (3 x S x T x H x 4).
 """
@@ -87,19 +89,20 @@ def estimate_memory(
     *, n: int, s: int, t: int, hidden: int, intermediate: int, heads: int, group: int, batch: int,
     cache_entries: int | None, cache_bytes: int, offload: str, trainable: int, receiver_linear_params: int,
     largest_linear: int, grad_checkpoint: bool, calib_resident: int | None = None, score_resident: int | None = None,
-    block_bytes: int = 0,
+    block_bytes: int = 0, targets: int = 0,
 ) -> MemoryEstimate:
     """The formula of the module docstring.
 
     ``cache_entries`` (R) bounds each cache; ``calib_resident`` / ``score_resident``, when given, are the entries
-    the caches hold at a step (at most R; what the prediction of that step uses). ``receiver_linear_params``: out x
+    the caches hold at a step (at most R; what the prediction of that step uses); ``targets``: dense-target
+    boundaries held (D). ``receiver_linear_params``: out x
     in summed over the receivers' linears; ``heads``: attention heads (SDPA on the CPU materialises the T x T
     scores and probabilities of a block, and their gradients in backward)."""
     entry = t * hidden * cache_bytes
     r = cache_entries or 1
     rc = r if calib_resident is None else calib_resident
     rs = r if score_resident is None else score_resident
-    cache = n * entry if offload == "disk" else rc * n * entry + rs * s * entry
+    cache = n * entry if offload == "disk" else rc * n * entry + rs * s * entry + targets * n * entry
     # offload disk: the baseline holds no block; a step loads the span (G + 1 blocks) and keeps the donor's weights
     # in the receivers (one block's linears, shared); with offload cpu both are part of the baseline
     loaded = (group + 2) * block_bytes if offload == "disk" else 0

@@ -10,7 +10,7 @@ from typing import Any, Callable, Iterator
 
 import torch
 
-from ..activations import ActivationCache, Runner, cache_dtype
+from ..activations import ActivationCache, Runner, cache_dtype, entry_store
 from ..adapters import Adapter
 from ..config import CompressConfig
 
@@ -52,6 +52,8 @@ class RunState:
     orig: list[int]
     steps: list[StepReport] = field(default_factory=list)
     caches: dict[str, ActivationCache] = field(default_factory=dict)
+    # --target dense: the original model's hidden states by boundary (an activations.entry_store), else None
+    targets: Any = None
 
     def current(self, original: int) -> int:
         """Current index of an original block (ValueError if it was removed)."""
@@ -83,6 +85,20 @@ class Job:
     @property
     def model(self):
         return self.adapter.model
+
+    @property
+    def num_original(self) -> int:
+        """Blocks of the model before the first removal."""
+        return len(self.state.orig) + len(self.state.steps)
+
+    def target_store(self):
+        """An empty store for dense targets: memory, or files in the work folder with offload = disk."""
+        disk = None
+        if self.config.offload == "disk":
+            if self.work_dir is None:
+                raise ValueError("offload = disk needs a work folder (Job.work_dir)")
+            disk = self.work_dir / "targets"
+        return entry_store(disk)
 
     @property
     def next_step(self) -> int:
@@ -118,6 +134,9 @@ class Job:
         for cache in self.state.caches.values():
             cache.close()
         self.state.caches.clear()
+        if self.state.targets is not None:
+            self.state.targets.close()
+            self.state.targets = None
 
     def remove_block(self, p: int, *, first_changed: int | None = None) -> int:
         """Remove current block ``p``; every cache keeps its entries before the first changed block (``p`` or an

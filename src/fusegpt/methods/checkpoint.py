@@ -85,6 +85,7 @@ class Checkpoint:
         for f in (self.folder / "blocks").glob("*.safetensors") if (self.folder / "blocks").is_dir() else ():
             f.unlink()
         self.log.path.unlink(missing_ok=True)
+        (self.folder / "targets.safetensors").unlink(missing_ok=True)
         atomic_write_json(self.settings_path, settings)
 
     # ---- writing ----------------------------------------------------------------------------------------------
@@ -110,7 +111,23 @@ class Checkpoint:
                 if orig in files or int(orig) not in job.state.orig:
                     (self.folder / "blocks" / f["file"]).unlink(missing_ok=True)
 
-    # ---- reading ----------------------------------------------------------------------------------------------
+    def save_targets(self, store) -> None:
+        """The dense targets (``--target dense``), written once before the first removal."""
+        if is_main():
+            save_tensors_atomic({f"b{b}": store.get(b).contiguous() for b in store.keys()},
+                                self.folder / "targets.safetensors")
+
+    # ---- reading ----
+    def load_targets(self, store) -> bool:
+        """Put the saved dense targets into ``store``; False when the run folder has none."""
+        path = self.folder / "targets.safetensors"
+        if not path.is_file():
+            return False
+        for k, v in load_file(path).items():
+            store.put(int(k[1:]), v)
+        return True
+
+    # ---- reading (steps) -------------------------------------------------------------------------------------------
     def restore(self, job: Job) -> int:
         """Replay every recorded step on ``job``'s freshly loaded model; returns how many steps were restored."""
         records = self.log.read()

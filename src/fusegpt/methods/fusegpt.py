@@ -21,7 +21,8 @@ log = logging.getLogger(__name__)
 
 __all__ = [
     "run_fusegpt", "run_fusegpt_global", "fuse_and_remove", "fuse_step", "param_groups", "receivers_for",
-    "Selection", "IterativeMI", "OneShotMI", "FixedPlan", "selection_for",
+    "Selection", "IterativeMI", "OneShotMI", "FixedPlan", "selection_for", "dense_boundary", "plan_boundaries",
+    "dense_target_count", "ensure_dense_targets",
 ]
 
 
@@ -73,6 +74,11 @@ class Selection:
     def choose(self, job: Job, step: int, sec: dict[str, float]) -> tuple[int, dict[int, float] | None]:
         raise NotImplementedError
 
+    def plan(self, job: Job) -> list[int] | None:
+        """Every block this policy will remove (original indices, in order) once step 0 has chosen, if it is
+        fixed by then (one-shot, a given list); None when later choices depend on the fused model."""
+        return None
+
 
 def _mi_scores(job: Job, step: int, sec: dict[str, float]) -> dict[int, float]:
     cache = job.cache("score", job.calib_ids[: job.config.score_samples])
@@ -92,11 +98,18 @@ class IterativeMI(Selection):
 class OneShotMI(Selection):
     """Score once (step 0); remove the k lowest in order of their score."""
 
+    _scores: dict[int, float] | None = None
+
     def choose(self, job, step, sec):
         scores = _mi_scores(job, step, sec) if step == 0 else None
+        self._scores = scores if scores is not None else self._scores
         first = scores if scores is not None else job.state.steps[0].scores
         plan = sorted(first, key=first.get)[: job.num_removals]
         return job.state.current(plan[step]), scores
+
+    def plan(self, job):
+        first = job.state.steps[0].scores if job.state.steps else self._scores
+        return sorted(first, key=first.get)[: job.num_removals]
 
 
 class FixedPlan(Selection):
@@ -108,11 +121,71 @@ class FixedPlan(Selection):
     def choose(self, job, step, sec):
         return job.state.current(self.blocks[step]), None
 
+    def plan(self, job):
+        return list(self.blocks)
+
 
 def selection_for(config) -> Selection:
     if config.blocks is not None:
         return FixedPlan(config.blocks)
     return IterativeMI() if config.mode == "iterative" else OneShotMI()
+
+
+# ---- dense targets: the original model's hidden states where a span ends ----------------------------------------
+def dense_boundary(orig: list[int], span_end: int, num_original: int) -> int:
+    """The original-model boundary a span ending at current block ``span_end`` stands for: the input of the next
+    kept block (``orig[span_end + 1]``), or the last block's output (``num_original``) at the end. The span
+    together with the blocks removed right after it covers the original blocks up to that boundary."""
+    return orig[span_end + 1] if span_end + 1 < len(orig) else num_original
+
+
+def plan_boundaries(plan: list[int], num_blocks: int, group_size: int) -> list[int]:
+    """Dense boundaries every step of a fixed removal ``plan`` (original indices, local receivers) will need,
+    found by replaying the plan's windows without touching the model."""
+    orig, out = list(range(num_blocks)), set()
+    for b in plan:
+        p = orig.index(b)
+        recv = group_window(p, len(orig), group_size)
+        out.add(dense_boundary(orig, max(recv[-1], p), num_blocks))
+        orig.pop(p)
+    return sorted(out)
+
+
+def dense_target_count(config, num_blocks: int) -> int:
+    """How many dense boundaries a run keeps (the memory formula's D): the plan's for one-shot or given blocks
+    with local receivers, else every boundary."""
+    if config.target != "dense":
+        return 0
+    from ..config import num_removals
+
+    fixed = config.method == "fusegpt" and (config.blocks is not None or config.mode == "oneshot")
+    return min(num_removals(config, num_blocks), num_blocks) if fixed else num_blocks
+
+
+def ensure_dense_targets(job: Job, plan: list[int] | None) -> None:
+    """Fill ``job.state.targets`` {original boundary: [N, T, H]} with the dense model's hidden states.
+
+    A fresh run computes them from the calibration cache while the model is still dense (step 0, after the
+    selection's first choice); a resumed run reads the copy its checkpoint wrote then. ``plan`` (a fixed removal
+    order) limits them to the boundaries its steps will use; None keeps every boundary."""
+    if job.state.targets is not None:
+        return
+    if job.state.steps:  # resumed: the model is no longer dense
+        store = job.target_store()
+        if job.checkpoint is None or not job.checkpoint.load_targets(store):
+            raise RuntimeError("--target dense: this resumed run has no saved dense targets (its run folder was "
+                               "written without them); start it again without --resume")
+        job.state.targets = store
+        return
+    L = job.adapter.num_blocks
+    wanted = plan_boundaries(plan, L, job.config.group_size) if plan is not None else list(range(1, L + 1))
+    cache, store = job.cache("calib", job.calib_ids), job.target_store()
+    for b in wanted:
+        store.put(b, cache.get(b))
+    job.state.targets = store
+    log.info("dense targets cached at %d boundaries: %s", len(wanted), wanted)
+    if job.checkpoint is not None:
+        job.checkpoint.save_targets(store)
 
 
 # ---- one step ----------------------------------------------------------------------------------------------------
@@ -136,21 +209,27 @@ def _fuse_and_distill(job: Job, step: int, p: int, recv: list[int], span: list[i
     S = cfg.score_samples
     blocks, kinds = list(ad.blocks), ad.block_kinds()
     receiving = [blocks[i] for i in recv]
-    with job.measure("teacher", sec):
-        y = runner.run([blocks[i] for i in span], [kinds[i] for i in span], x)
+    if job.state.targets is not None:  # --target dense: the original model at the span's boundary
+        y = job.state.targets.get(dense_boundary(orig, span[-1], job.num_original))
+    else:
+        with job.measure("teacher", sec):
+            y = runner.run([blocks[i] for i in span], [kinds[i] for i in span], x)
     job.note_memory()
     # the student runs the span without p; only the receivers get donors and train (local: span - p == recv)
     student = [blocks[i] for i in span if i != p]
     skinds = [kinds[i] for i in span if i != p]
     inject_donor(ad, blocks[p], receiving, coef_kind=cfg.coef, coef_rank=cfg.coef_rank,
-                 lora_rank=0 if cfg.train == "full" else cfg.lora_rank, generator=job.generator)
+                 lora_rank=0 if cfg.train == "full" else cfg.lora_rank, generator=job.generator,
+                 fold_norms=cfg.fold_norms)
     for block in receiving:
         for _, fl in fused_linears(block):
             fl.checkpoint = runner.grad_checkpoint
     before, mse_before = _group_losses(job, student, skinds, x[:S], y[:S], sec)
     faults.point("train", step)
     settings = TrainSettings(loss=cfg.loss, epochs=cfg.epochs, batch_size=cfg.batch_size, betas=tuple(cfg.betas),
-                             weight_decay=cfg.weight_decay, shuffle=cfg.shuffle, diverge_factor=cfg.diverge_factor)
+                             weight_decay=cfg.weight_decay, shuffle=cfg.shuffle, diverge_factor=cfg.diverge_factor,
+                             aux_loss=cfg.aux_loss, aux_weight=cfg.aux_weight, warmup=cfg.warmup,
+                             clip_grad=cfg.clip_grad)
     groups = param_groups(receiving, cfg.train, cfg.coef_lr, cfg.lr)
     desc = f"{tag} fusing block {orig[p]} into {orig[recv[0]]}..{orig[recv[-1]]}"
     reasons: list[str] = []
@@ -211,6 +290,8 @@ def fuse_and_remove(job: Job, *, receivers: str, selection: Selection | None = N
     for step in range(job.next_step, job.num_removals):
         sec: dict[str, float] = {}
         p, scores = selection.choose(job, step, sec)
+        if job.config.target == "dense":
+            ensure_dense_targets(job, selection.plan(job) if receivers == "local" else None)
         if scores is not None:
             log.info("(%d/%d) MI: lowest %s", step + 1, job.num_removals,
                      sorted(scores.items(), key=lambda kv: kv[1])[:3])
