@@ -7,7 +7,8 @@ from fusegpt.data import DataSourceError, load_text, sample_windows, source_name
 
 
 def test_registered_sources():
-    assert {"wikitext2", "wikitext2-valid", "wikitext103-valid", "lambada-dev"} <= set(source_names())
+    assert {"wikitext2", "wikitext2-valid", "wikitext103-valid", "lambada-dev", "lambada-test",
+            "boolq-passages"} <= set(source_names())
 
 
 def test_wikitext2_eval_text_protocol():
@@ -26,6 +27,14 @@ def test_calibration_sources_are_real_text():
     assert "Homarus gammarus" in w103[:200] and w103.count("<unk>") < v.count("<unk>")
     lam = load_text("lambada-dev")
     assert len(lam.split("\n\n")) == 4869
+
+
+def test_raw_calibration_and_second_evaluation_text():
+    raw = load_text("boolq-passages")
+    assert raw.startswith("Ethanol fuel -- ") and "<unk>" not in raw and " @-@ " not in raw
+    assert len(raw.split("\n\n")) == 2939  # 3270 questions share 2939 distinct passages
+    lam = load_text("lambada-test")
+    assert lam.startswith("In my palm is a clear stone") and len(lam) > 1_600_000
 
 
 def test_local_files(tmp_path):

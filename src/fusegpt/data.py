@@ -6,6 +6,10 @@ Sources (see ``_data/DATA_LICENSES.md`` for provenance):
 - ``wikitext2-valid``: WikiText-2 (tokenized) validation file's lines joined with "\\n\\n" (default calibration).
 - ``wikitext103-valid``: WikiText-103 (tokenized) validation, records of a CSV export joined with "\\n\\n".
 - ``lambada-dev``: LAMBADA development passages (one per line) joined with "\\n\\n".
+- ``lambada-test``: LAMBADA (OpenAI detokenized) test passages joined with "\\n\\n" (a second evaluation text:
+  fiction, where WikiText is encyclopedic).
+- ``boolq-passages``: the BoolQ dev set's Wikipedia passages (raw text: no ``<unk>``, no ``@-@`` splits),
+  deduplicated in file order, joined with "\\n\\n" (raw-text calibration; do not use it when evaluating BoolQ).
 - any local ``.txt`` file (used as is) or ``.jsonl`` file (the ``text`` field of every record, joined with "\\n\\n").
 """
 
@@ -82,6 +86,21 @@ def _wikitext103_valid() -> str:
 @register_source("lambada-dev", "LAMBADA development passages (BookCorpus) joined with blank lines")
 def _lambada_dev() -> str:
     return _join_lines(line for line in _packaged("lambada-dev.plain.txt").split("\n") if line.strip())
+
+
+def _jsonl_field(name: str, key: str) -> list[str]:
+    return [json.loads(line)[key] for line in _packaged(name).split("\n") if line.strip()]
+
+
+@register_source("lambada-test", "LAMBADA (OpenAI) test passages joined with blank lines (second evaluation text)")
+def _lambada_test() -> str:
+    return _join_lines(_jsonl_field("tasks/lambada/lambada_test.jsonl", "text"))
+
+
+@register_source("boolq-passages",
+                 "BoolQ dev Wikipedia passages, raw text, deduplicated, joined with blank lines (raw calibration)")
+def _boolq_passages() -> str:
+    return _join_lines(dict.fromkeys(_jsonl_field("tasks/boolq/val.jsonl", "passage")))
 
 
 def _local_file(path: Path) -> str:
