@@ -39,6 +39,9 @@ def main() -> None:
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--max-windows", type=int, default=128)
+    ap.add_argument("--second", default="lambada-test",
+                    help="a second evaluation text the calibration never saw ('' = none; default lambada-test)")
+    ap.add_argument("--second-windows", type=int, default=64)
     args = ap.parse_args()
 
     import logging
@@ -80,10 +83,15 @@ def main() -> None:
                        steps=[{"removed": s.removed, "loss_before": s.loss_before, "loss_after": s.loss_after,
                                "mse_before": s.mse_before, "mse_after": s.mse_after, "seconds": s.seconds}
                               for s in rep.steps],
-                       flops_fraction_of_peak=rep.flops_fraction_of_peak, compute_dtype=rep.compute_dtype)
+                       flops_fraction_of_peak=rep.flops_fraction_of_peak, compute_dtype=rep.compute_dtype,
+                       train_steps=sum(s.train_steps for s in rep.steps))
         res = evaluate_perplexity(model, tok, max_windows=args.max_windows)
         row.update(ppl=res.ppl, eval_seconds=res.seconds, params=sum(p.numel() for p in model.parameters()))
-        print(f"== {name}: PPL {res.ppl:.3f} ({row.get('seconds', 0):.0f} s compress)", flush=True)
+        if args.second:
+            res2 = evaluate_perplexity(model, tok, source=args.second, max_windows=args.second_windows)
+            row.update(second=args.second, ppl_second=res2.ppl, eval_seconds_second=res2.seconds)
+        print(f"== {name}: PPL {res.ppl:.3f} / {row.get('ppl_second', float('nan')):.3f} "
+              f"({row.get('seconds', 0):.0f} s compress)", flush=True)
         with args.out.open("a") as fh:
             fh.write(json.dumps(row) + "\n")
 

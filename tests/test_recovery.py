@@ -1,0 +1,220 @@
+"""Options for recovering more: head losses, warm-up/clipping, norm folding, dense targets (each against brute
+force or against the run it must equal)."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from fusegpt.activations import ActivationCache, Runner
+from fusegpt.adapters import get_adapter
+from fusegpt.api import compress
+from fusegpt.config import CompressConfig, ConfigError
+from fusegpt.distill import LossHead, build_loss, get_loss, lr_factor
+from fusegpt.distill import trainer as trainer_mod
+from fusegpt.fusion import inject_donor
+from fusegpt.fusion.math import fold_gain
+from fusegpt.memory import estimate_memory
+from fusegpt.methods.fusegpt import dense_boundary, dense_target_count, plan_boundaries
+
+from conftest import random_ids, tiny_model
+
+CPU = torch.device("cpu")
+FAMILIES = ["llama", "qwen2", "qwen3", "mistral", "gemma3", "phi3"]
+
+
+def _cfg(**kw):
+    base = dict(remove=2, group_size=3, epochs=2, nsamples=8, score_samples=4, seqlen=16, coef_rank=4,
+                lora_rank=4, batch_size=4, compute_dtype="fp32")
+    base.update(kw)
+    return CompressConfig(**base)
+
+
+def _head(model, chunk=512):
+    ad = get_adapter(model)
+    return LossHead(ad.final_norm, ad.head, chunk=chunk)
+
+
+# ---- losses --------------------------------------------------------------------------------------------------
+def test_nmse_is_per_token_normalised_squared_error():
+    s, t = torch.randn(2, 5, 8), torch.randn(2, 5, 8) * torch.arange(1, 9)
+    want = torch.stack([((s[b, i] - t[b, i]) ** 2).sum() / (t[b, i] ** 2).sum()
+                        for b in range(2) for i in range(5)]).mean()
+    torch.testing.assert_close(get_loss("nmse")(s, t), want)
+    assert float(get_loss("nmse")(t, t)) == 0.0
+
+
+@pytest.mark.parametrize("chunk", [3, 7, 512])
+def test_logit_kl_equals_full_logits_kl_with_its_gradient(chunk):
+    model = tiny_model("llama", 2)
+    h = _head(model, chunk)
+    t = torch.randn(2, 5, 64)
+    s = (t + 0.3 * torch.randn_like(t)).requires_grad_(True)
+    got = get_loss("logit-kl", h)(s, t)
+    (g_got,) = torch.autograd.grad(got, s)
+    s2 = s.detach().clone().requires_grad_(True)
+    ls = F.log_softmax(model.lm_head(model.model.norm(s2)), -1).flatten(0, 1)
+    lt = F.log_softmax(model.lm_head(model.model.norm(t)), -1).flatten(0, 1)
+    want = (lt.exp() * (lt - ls)).sum(-1).mean()
+    (g_want,) = torch.autograd.grad(want, s2)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(g_got, g_want, rtol=1e-4, atol=1e-7)
+    with torch.no_grad():
+        assert float(get_loss("logit-kl", h)(t, t)) == pytest.approx(0.0, abs=1e-6)
+    assert all(p.grad is None for p in model.parameters())  # the head stays frozen
+
+
+def test_mse_norm_and_aux_loss():
+    model = tiny_model("llama", 2)
+    h = _head(model)
+    s, t = torch.randn(2, 4, 64), torch.randn(2, 4, 64)
+    want = F.mse_loss(model.model.norm(s), model.model.norm(t))
+    torch.testing.assert_close(get_loss("mse-norm", h)(s, t), want)
+    both = build_loss("mse", aux="mse-norm", aux_weight=0.5, head=h)(s, t)
+    torch.testing.assert_close(both, F.mse_loss(s, t) + 0.5 * want)
+    with pytest.raises(ValueError, match="head"):
+        get_loss("logit-kl")
+
+
+def test_lr_warmup_then_cosine():
+    assert [lr_factor(i, 10, 0) for i in range(10)] == [0.5 * (1 + math.cos(math.pi * i / 10)) for i in range(10)]
+    f = [lr_factor(i, 10, 4) for i in range(10)]
+    assert f[:4] == [0.25, 0.5, 0.75, 1.0]
+    assert f[4] == 1.0 and f[4:] == sorted(f[4:], reverse=True) and f[-1] > 0
+
+
+def test_clipping_and_warmup_reach_the_optimizer(monkeypatch):
+    calls = []
+    real = torch.nn.utils.clip_grad_norm_
+
+    def spy(params, max_norm, *a, **k):
+        calls.append(max_norm)
+        return real(params, max_norm, *a, **k)
+
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", spy)
+    seen = []
+    real_factor = trainer_mod.lr_factor
+    monkeypatch.setattr(trainer_mod, "lr_factor", lambda s, t, w: seen.append(w) or real_factor(s, t, w))
+    rep = compress(tiny_model("llama", 6), _cfg(remove=1, clip_grad=0.5, warmup=0.25), calib_ids=random_ids(8, 16))
+    assert rep.steps[0].train_steps == 4 and calls == [0.5] * 4
+    assert set(seen) == {1}  # 0.25 x 4 steps
+
+
+@pytest.mark.parametrize("bad", [dict(warmup=1.0), dict(clip_grad=-1), dict(aux_weight=1.0),
+                                 dict(aux_loss="nope", aux_weight=1.0), dict(target="teacher")])
+def test_recovery_options_are_validated(bad):
+    with pytest.raises(ConfigError):
+        _cfg(**bad).validate()
+
+
+# ---- norm folding ----------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("family", FAMILIES)
+def test_input_gain_is_what_the_norm_multiplies(family):
+    """gain x (x / rms(x)) must be the block's own norm output, for every linear the adapter says a norm feeds."""
+    model = tiny_model(family, 3)
+    ad = get_adapter(model)
+    block = ad.blocks[1]
+    x = torch.randn(2, 4, model.config.hidden_size)
+    assert ad.linear_norms, "every adapter names the norms that feed its linears"
+    for name, norm in ad.linear_norms.items():
+        mod = block.get_submodule(norm)
+        eps = getattr(mod, "variance_epsilon", getattr(mod, "eps", 1e-6))
+        unit = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+        torch.testing.assert_close(ad.input_gain(block, name) * unit, mod(x), rtol=1e-5, atol=1e-6)
+
+
+def test_fold_gain_gives_the_donor_its_own_norm():
+    w, n = torch.randn(6, 5), torch.randn(3, 5)
+    g_d, g_r = torch.randn(5), torch.rand(5) + 0.5
+    torch.testing.assert_close((g_r * n) @ fold_gain(w, g_d, g_r).T, (g_d * n) @ w.T)
+    tiny = torch.tensor([1.0, 1e-9, -1e-9, 2.0, 1.0])
+    assert torch.isfinite(fold_gain(w, g_d, tiny)).all()
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3"])
+def test_folded_injection_is_the_identity_at_start(family):
+    model = tiny_model(family, 4)
+    ad = get_adapter(model)
+    ids = random_ids(2, 8)
+    with torch.no_grad():
+        before = model(ids).logits
+        inject_donor(ad, ad.blocks[1], [ad.blocks[0], ad.blocks[2]], coef_kind="lowrank", coef_rank=4, lora_rank=4,
+                     generator=torch.Generator().manual_seed(0), fold_norms=True)
+        after = model(ids).logits
+    torch.testing.assert_close(after, before, rtol=0, atol=0)
+
+
+def test_fold_norms_runs_and_changes_the_result():
+    ids = random_ids(8, 16)
+    a = compress(tiny_model("llama", 6), _cfg(blocks=[2, 3]), calib_ids=ids)
+    b = compress(tiny_model("llama", 6), _cfg(blocks=[2, 3], fold_norms=True), calib_ids=ids)
+    assert a.steps[0].loss_before == b.steps[0].loss_before  # identity at start either way
+    assert a.steps[0].loss_after != b.steps[0].loss_after
+
+
+# ---- dense targets ---------------------------------------------------------------------------------------------
+def test_plan_boundaries_replays_the_windows():
+    # remove 5 then 4 of 10 blocks with G = 3: windows [3, 4, 6] (span 3..6) then [2, 3, 5] of the 9 left
+    assert dense_boundary(list(range(10)), 6, 10) == 7
+    assert dense_boundary(list(range(10)), 9, 10) == 10
+    assert plan_boundaries([5, 4], 10, 3) == [7]  # both spans end right before original block 7
+    assert plan_boundaries([9], 10, 3) == [10]
+
+
+def test_dense_target_count_and_memory():
+    assert dense_target_count(_cfg(remove=3, mode="oneshot", target="dense"), 8) == 3
+    assert dense_target_count(_cfg(remove=3, mode="iterative", target="dense"), 8) == 8
+    assert dense_target_count(_cfg(remove=3, target="current"), 8) == 0
+    kw = dict(n=4, s=2, t=8, hidden=16, intermediate=32, heads=2, group=3, batch=2, cache_entries=4, cache_bytes=4,
+              offload="cpu", trainable=100, receiver_linear_params=1000, largest_linear=100, grad_checkpoint=False)
+    assert estimate_memory(**kw, targets=3).cache - estimate_memory(**kw).cache == 3 * 4 * 8 * 16 * 4
+
+
+def _dense_out(model, ids, boundary):
+    runner = Runner.for_model(get_adapter(model), ids.shape[1], device=CPU)
+    return ActivationCache(runner, ids).get(boundary)
+
+
+@pytest.mark.parametrize("mode", ["oneshot", "iterative"])
+def test_dense_target_first_step_equals_current_and_later_steps_aim_at_the_dense_model(mode, monkeypatch):
+    ids = random_ids(8, 16)
+    ref = tiny_model("llama", 8)
+    targets_seen = []
+    import fusegpt.methods.fusegpt as fg
+
+    real = fg.train_group
+
+    def spy(runner, blocks, kinds, x, y, *a, **k):
+        targets_seen.append(y.clone())
+        return real(runner, blocks, kinds, x, y, *a, **k)
+
+    monkeypatch.setattr(fg, "train_group", spy)
+    cur = compress(tiny_model("llama", 8), _cfg(remove=3, mode=mode), calib_ids=ids)
+    n_cur = len(targets_seen)
+    dense = compress(tiny_model("llama", 8), _cfg(remove=3, mode=mode, target="dense"), calib_ids=ids)
+    assert n_cur == 3 and len(targets_seen) == 6
+    # step 0: the model is still dense, so both targets are the same tensor values
+    torch.testing.assert_close(targets_seen[3], targets_seen[0], rtol=1e-6, atol=1e-6)
+    assert cur.steps[0].loss_before == pytest.approx(dense.steps[0].loss_before, rel=1e-6)
+    # every dense step's target is the untouched model's hidden state at the span's boundary
+    orig = list(range(8))
+    for step, srep in enumerate(dense.steps):
+        p = orig.index(srep.removed)
+        span_end = max(orig.index(srep.group[-1]), p)
+        b = dense_boundary(orig, span_end, 8)
+        torch.testing.assert_close(targets_seen[3 + step], _dense_out(ref, ids, b), rtol=1e-5, atol=1e-5)
+        orig.pop(p)
+    assert not torch.allclose(targets_seen[5], targets_seen[2])  # the later targets differ from the pruned ones
+
+
+def test_dense_target_with_disk_offload_equals_memory(tmp_path):
+    ids = random_ids(8, 16)
+    runs = []
+    for kw in (dict(), dict(offload="disk")):
+        model = tiny_model("llama", 8)
+        rep = compress(model, _cfg(remove=2, target="dense", **kw), calib_ids=ids,
+                       checkpoint_dir=tmp_path / f"run{len(runs)}")
+        runs.append((rep.removed, {n: p.detach().clone() for n, p in model.named_parameters()}))
+    (r0, w0), (r1, w1) = runs
+    assert r0 == r1 and all(torch.equal(w0[n], w1[n]) for n in w0)
