@@ -149,6 +149,10 @@ def compress(
     for p in model.parameters():
         p.requires_grad_(False)
     compute = choose_compute_dtype(device, config.compute_dtype)
+    stored = next(model.parameters()).dtype
+    if compute is None and stored in (torch.bfloat16, torch.float16):
+        # half-precision weights compute in their dtype (autocast), so fp32 masters and half weights mix safely
+        compute = stored
     peak = matmul_flops_per_second(device, compute or torch.float32)
     log.info("compute dtype %s; measured matmul peak %.1f GFLOP/s", compute or torch.float32, peak / 1e9)
     runner = Runner.for_model(adapter, config.seqlen, device=device, offload=torch.device(config.offload_device),

@@ -202,9 +202,9 @@ def _run_rows(model_name: str, dev, base: CompressConfig, settings: dict, todo: 
               quantize: Sequence[str] = ()) -> list[CompareRow]:
     """Load the model once, then the dense row (if missing) and every (method, sparsity) of ``todo``, each with its
     quantized companions (``quantize``) where missing."""
-    from .models import load_model
+    from .models import load_model, weight_dtype
 
-    loaded = load_model(model_name, device=dev)
+    loaded = load_model(model_name, device=dev, dtype=weight_dtype(base.dtype))
     original, tok = loaded.model, loaded.tokenizer
     L = original.config.num_hidden_layers
     calib = calibration_windows(tok, base)

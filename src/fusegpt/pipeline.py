@@ -79,7 +79,7 @@ def run_compression(
     """
     from .distributed import barrier, is_main, world_size
     from .methods.base import method_info
-    from .models import load_model, source_fingerprint
+    from .models import load_model, source_fingerprint, weight_dtype
     from .plan import format_plan, plan_run
 
     out = Path(out)
@@ -98,10 +98,10 @@ def run_compression(
         from .offload import BlockStore
 
         limit_heap_fragmentation()
-        loaded = load_model(model_name, blocks_on_disk=True)
+        loaded = load_model(model_name, blocks_on_disk=True, dtype=weight_dtype(config.dtype))
         store = BlockStore(get_adapter(loaded.model), loaded.info["folder"], out / RUN_DIR / "offload")
     else:
-        loaded = load_model(model_name)
+        loaded = load_model(model_name, dtype=weight_dtype(config.dtype))
     report = compress(loaded.model, config, tokenizer=loaded.tokenizer, source_model=model_name,
                       checkpoint_dir=out / RUN_DIR, resume=resume, source_fingerprint=source_fingerprint(model_name),
                       store=store)

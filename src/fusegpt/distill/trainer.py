@@ -108,7 +108,11 @@ def train_group(
         return res
     t0 = time.perf_counter()
     snapshot = [p.detach().clone() for p in params]
+    # fp32 masters: half-precision parameters (norms of a model loaded in bf16) train in fp32 and are cast back
+    stored = [p.dtype for p in params]
     for p in params:
+        if p.dtype in (torch.bfloat16, torch.float16):
+            p.data = p.data.float()
         p.requires_grad_(True)
     opt = torch.optim.Adam(
         [{"params": g.params, "lr": g.lr} for g in groups if g.params],
@@ -181,6 +185,9 @@ def train_group(
             for p, old in zip(params, snapshot):
                 p.copy_(old)
         res.restored = True
+    for p, dt in zip(params, stored):
+        if p.dtype != dt:
+            p.data = p.data.to(dt)
     for p in params:
         p.requires_grad_(False)
     res.seconds = time.perf_counter() - t0

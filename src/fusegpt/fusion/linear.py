@@ -71,6 +71,11 @@ class FusionCoefficient(nn.Module):
         return coef_value(self.kind, (self.coef_B, self.coef_A) if self.kind == "lowrank" else (self.coef,))
 
 
+def master_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype trained tensors keep for weights of ``dtype``: fp32 for bf16/fp16, else the same."""
+    return torch.float32 if dtype in (torch.bfloat16, torch.float16) else dtype
+
+
 class FusedLinear(nn.Module):
     """y = x W_eff^T + b_eff with W_eff = W + B A + sum_k C_k ⊙ D_k (see :mod:`fusegpt.fusion.math`)."""
 
@@ -83,10 +88,13 @@ class FusedLinear(nn.Module):
         w = base.weight
         self.weight = nn.Parameter(w.detach(), requires_grad=False)
         self.bias = None if base.bias is None else nn.Parameter(base.bias.detach(), requires_grad=False)
+        # what trains (LoRA, coefficients) is created in fp32 when the weights are half precision (fp32 masters)
+        self.master_dtype = master_dtype(w.dtype)
         if lora_rank > 0:
             r = min(lora_rank, self.in_features, self.out_features)
-            self.lora_A = nn.Parameter(torch.empty(r, self.in_features, device=w.device, dtype=w.dtype))
-            self.lora_B = nn.Parameter(torch.zeros(self.out_features, r, device=w.device, dtype=w.dtype))
+            md = self.master_dtype
+            self.lora_A = nn.Parameter(torch.empty(r, self.in_features, device=w.device, dtype=md))
+            self.lora_B = nn.Parameter(torch.zeros(self.out_features, r, device=w.device, dtype=md))
             _kaiming_(self.lora_A.data, generator)
         else:
             self.lora_A = self.lora_B = None
@@ -113,7 +121,7 @@ class FusedLinear(nn.Module):
         self.register_buffer(f"donor_bias_{k}", bias.detach().to(self.weight) if use_bias else None)
         self.coefs.append(FusionCoefficient(
             coef_kind, self.out_features, self.in_features, coef_rank, has_bias=use_bias, generator=generator,
-            device=self.weight.device, dtype=self.weight.dtype,
+            device=self.weight.device, dtype=self.master_dtype,
         ))
         self.num_donors += 1
 
@@ -151,9 +159,11 @@ class FusedLinear(nn.Module):
 
     @torch.no_grad()
     def to_linear(self) -> nn.Linear:
-        """A plain nn.Linear holding the effective weight; raises NonFiniteWeightError on NaN/Inf."""
-        w = self.effective_weight().detach()
+        """A plain nn.Linear holding the effective weight (in the base weight's dtype); raises NonFiniteWeightError
+        on NaN/Inf."""
+        w = self.effective_weight().detach().to(self.weight.dtype)
         b = self.effective_bias()
+        b = None if b is None else b.to(self.weight.dtype)
         if not torch.isfinite(w).all() or (b is not None and not torch.isfinite(b).all()):
             raise NonFiniteWeightError("merged fused weight is not finite; refusing to export NaN/Inf")
         lin = nn.Linear(self.in_features, self.out_features, bias=b is not None, device="meta", dtype=w.dtype)

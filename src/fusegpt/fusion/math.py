@@ -165,23 +165,25 @@ class _FusedLinearFn(torch.autograd.Function):
 
         gw = gb = None
         if any(need):
-            gw = (g2.t() @ xc.reshape(-1, xc.shape[-1])).to(w.dtype)
+            # in fp32 when the weights are half precision: the trained factors are fp32 masters
+            mdt = torch.float32 if w.dtype in (torch.bfloat16, torch.float16) else w.dtype
+            gw = (g2.t() @ xc.reshape(-1, xc.shape[-1])).to(mdt)
             if b is not None:
-                gb = g2.sum(0).to(b.dtype)
+                gb = g2.sum(0).to(mdt)
         (iw,) = take(1)
         if need[iw]:
-            grads[iw] = gw
+            grads[iw] = gw.to(w.dtype)
         if b is not None:
             (ib,) = take(1)
             if need[ib]:
-                grads[ib] = gb
+                grads[ib] = gb.to(b.dtype)
         if lora is not None:
             ilb, ila = take(2)
             lb, la = lora
             if need[ilb]:
-                grads[ilb] = gw @ la.t()
+                grads[ilb] = (gw @ la.t()).to(lb.dtype)
             if need[ila]:
-                grads[ila] = lb.t() @ gw
+                grads[ila] = (lb.t() @ gw).to(la.dtype)
         for kind, coef, cb, d, db in donors:
             ic = take(len(coef))
             icb = take(1)[0] if cb is not None else None
@@ -193,14 +195,14 @@ class _FusedLinearFn(torch.autograd.Function):
                 if kind == "lowrank":
                     cB, cA = coef
                     if need[ic[0]]:
-                        grads[ic[0]] = gc @ cA.t()
+                        grads[ic[0]] = (gc @ cA.t()).to(cB.dtype)
                     if need[ic[1]]:
-                        grads[ic[1]] = cB.t() @ gc
+                        grads[ic[1]] = (cB.t() @ gc).to(cA.dtype)
                 else:
-                    grads[ic[0]] = _reduce_to(gc, kind)
+                    grads[ic[0]] = _reduce_to(gc, kind).to(coef[0].dtype)
                 del gc
             if icb is not None and need[icb]:
-                grads[icb] = gb * db
+                grads[icb] = (gb * db).to(cb.dtype)
         return (gx, None, None, *grads)
 
 
