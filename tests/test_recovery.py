@@ -16,7 +16,9 @@ from fusegpt.distill import trainer as trainer_mod
 from fusegpt.fusion import inject_donor
 from fusegpt.fusion.math import fold_gain
 from fusegpt.memory import estimate_memory
-from fusegpt.methods.fusegpt import dense_boundary, dense_target_count, plan_boundaries
+from fusegpt.methods.fusegpt import (
+    ORDERS, dense_boundary, dense_target_count, joint_spans, pick_blocks, plan_boundaries,
+)
 
 from conftest import random_ids, tiny_model
 
@@ -102,7 +104,9 @@ def test_clipping_and_warmup_reach_the_optimizer(monkeypatch):
 
 
 @pytest.mark.parametrize("bad", [dict(warmup=1.0), dict(clip_grad=-1), dict(aux_weight=1.0),
-                                 dict(aux_loss="nope", aux_weight=1.0), dict(target="teacher")])
+                                 dict(aux_loss="nope", aux_weight=1.0), dict(target="teacher"), dict(order="xyz"),
+                                 dict(min_gap=0), dict(final_epochs=1, lora_rank=0),
+                                 dict(final_epochs=1, offload="disk"), dict(final_epochs=-1)])
 def test_recovery_options_are_validated(bad):
     with pytest.raises(ConfigError):
         _cfg(**bad).validate()
@@ -218,3 +222,82 @@ def test_dense_target_with_disk_offload_equals_memory(tmp_path):
         runs.append((rep.removed, {n: p.detach().clone() for n, p in model.named_parameters()}))
     (r0, w0), (r1, w1) = runs
     assert r0 == r1 and all(torch.equal(w0[n], w1[n]) for n in w0)
+
+
+# ---- selection orders ------------------------------------------------------------------------------------------
+def test_pick_blocks_prefers_blocks_apart():
+    scores = {0: 5.0, 1: 0.1, 2: 0.2, 3: 0.3, 4: 4.0, 5: 0.4}
+    assert pick_blocks(scores, 3) == [1, 2, 3]
+    assert pick_blocks(scores, 3, min_gap=2) == [1, 3, 5]
+    assert pick_blocks(scores, 4, min_gap=2) == [1, 3, 5, 2]  # too few qualify: the lowest of the rest fill up
+    assert pick_blocks(scores, 1, removed=[2], min_gap=2) == [5]
+
+
+@pytest.mark.parametrize("order", ["bi", "nll"])
+def test_fusegpt_order_follows_the_scorer(order):
+    ids = random_ids(8, 16)
+    model = tiny_model("llama", 8)
+    runner = Runner.for_model(get_adapter(model), 16, device=CPU)
+    scores = ORDERS[order](ActivationCache(runner, ids[:4]), ids[:4], None)
+    rep = compress(model, _cfg(remove=2, order=order, mode="oneshot"), calib_ids=ids)
+    assert rep.removed == sorted(range(8), key=scores.__getitem__)[:2]
+    assert rep.steps[0].scores == pytest.approx(dict(enumerate(scores)))
+
+
+def test_min_gap_in_both_modes():
+    ids = random_ids(8, 16)
+    for mode in ("oneshot", "iterative"):
+        rep = compress(tiny_model("llama", 10), _cfg(remove=3, mode=mode, min_gap=2, epochs=1), calib_ids=ids)
+        r = rep.removed
+        assert all(abs(a - b) >= 2 for i, a in enumerate(r) for b in r[:i]), (mode, r)
+
+
+# ---- final stage -----------------------------------------------------------------------------------------------
+def test_final_stage_distils_towards_the_dense_model():
+    ids = random_ids(8, 16)
+    dense = tiny_model("llama", 8)
+    runs = {}
+    for name, kw in {"none": {}, "lr0": dict(final_epochs=2, final_lr=0.0),
+                     "final": dict(final_epochs=4, final_lr=1e-2)}.items():
+        model = tiny_model("llama", 8)
+        rep = compress(model, _cfg(remove=2, **kw), calib_ids=ids)
+        with torch.no_grad():
+            lt = F.log_softmax(dense(ids).logits, -1)
+            kl = F.kl_div(F.log_softmax(model(ids).logits, -1), lt, log_target=True, reduction="batchmean")
+        runs[name] = (rep, {n: p.detach().clone() for n, p in model.named_parameters()}, float(kl))
+    assert "final" not in runs["none"][0].steps[-1].extra
+    fin = runs["final"][0].steps[-1].extra["final"]
+    assert fin["steps"] == 8 and fin["epoch_losses"][-1] < fin["epoch_losses"][0]
+    assert runs["final"][0].steps[-1].seconds["final"] > 0
+    w0, w1 = runs["none"][1], runs["lr0"][1]  # lr 0: LoRA B stays 0, the merged model is the one without the stage
+    assert w0.keys() == w1.keys() and all(torch.equal(w0[n], w1[n]) for n in w0)
+    assert runs["final"][2] < runs["none"][2]  # closer to the dense model's predictions
+
+
+# ---- joint one-shot (the paper's) ------------------------------------------------------------------------------
+def test_joint_spans_merge_overlapping_windows():
+    # G = 1: windows {1, 2} (block 2), {3, 4} (4), {4, 5} (5) and {8, 9} (9) -> spans 1..2, 3..5, 8..9
+    spans = joint_spans([9, 4, 2, 5], 10, 1)
+    assert [s for s, _ in spans] == [[1, 2], [3, 4, 5], [8, 9]]
+    assert [m for _, m in spans] == [{2: [1]}, {4: [3], 5: []}, {9: [8]}]  # a removed block never receives
+
+
+def test_joint_mode_fuses_all_at_once_and_distils_each_span_once(monkeypatch):
+    import fusegpt.methods.fusegpt as fg
+
+    calls = []
+    real = fg.train_group
+    monkeypatch.setattr(fg, "train_group", lambda runner, blocks, *a, **k: calls.append(len(blocks))
+                        or real(runner, blocks, *a, **k))
+    ids = random_ids(8, 16)
+    rep = compress(tiny_model("llama", 10), _cfg(blocks=[2, 4, 9], mode="joint", group_size=1, target="dense"),
+                   calib_ids=ids)
+    assert rep.removed == [2, 4, 9] and rep.final_layers == 7
+    assert calls == [1, 1, 1]  # spans {1,2}, {3,4}, {8,9}: one kept block each, one training each
+    assert all(s.train_steps == 4 and s.loss_after < s.loss_before for s in rep.steps)
+    calls.clear()
+    rep = compress(tiny_model("llama", 10), _cfg(remove=3, mode="joint", group_size=3), calib_ids=ids)
+    first = rep.steps[0].scores
+    assert set(rep.removed) == set(sorted(first, key=first.get)[:3])  # removed span by span, front to back
+    assert len(calls) == len({tuple(s.extra["joint_span"]) for s in rep.steps})
+    assert sum(s.train_steps for s in rep.steps) == 4 * len(calls)

@@ -227,14 +227,14 @@ def _choices(name: str) -> list[str]:
 
         return [m for m in method_names() if not (name == "--heal-from" and m == "heal-lora")]
     return {"--mode": list(c.MODES), "--train": list(c.TRAIN_MODES), "--loss": list(c.loss_names()),
-            "--aux-loss": list(c.loss_names()), "--target": list(c.TARGETS),
-            "--coef": list(c.coef_kinds()), "--compute-dtype": list(c.COMPUTE), "--offload": list(c.OFFLOADS),
+            "--aux-loss": list(c.loss_names()), "--target": list(c.TARGETS), "--order": list(c.order_names()),
+            "--coef": list(c.coef_kinds()), "--compute-dtype": list(c.COMPUTE),
+            "--dtype": list(c.WEIGHT_DTYPES), "--offload": list(c.OFFLOADS),
             "--cache-dtype": ["auto", "fp32"], "--grad-checkpoint": ["auto", "on", "off"]}[name]
 
 
-_CHOICE_FLAGS = ("--method", "--mode", "--train", "--loss", "--aux-loss", "--target", "--coef", "--compute-dtype",
-                 "--heal-from", "--offload",
-                 "--cache-dtype", "--grad-checkpoint")
+_CHOICE_FLAGS = ("--method", "--mode", "--train", "--loss", "--aux-loss", "--target", "--order", "--coef",
+                 "--compute-dtype", "--dtype", "--heal-from", "--offload", "--cache-dtype", "--grad-checkpoint")
 _CONFIG_FLAGS = [
     # (flag, type, help) -> CompressConfig field of the same name (dashes -> underscores); the flags of
     # _CHOICE_FLAGS list their accepted values in --help and refuse others
@@ -242,6 +242,10 @@ _CONFIG_FLAGS = [
     ("--sparsity", float, "fraction of blocks to remove, ceil(L * sparsity) (default 0.25)"),
     ("--remove", int, "remove exactly K blocks (overrides --sparsity)"),
     ("--mode", str, "iterative (re-score after every removal) or oneshot"),
+    ("--order", str, "what ranks blocks for fusegpt's selection: mi (Macro Influence, default), bi (ShortGPT) "
+                     "or nll (skip-one NLL: SLEB iterative, PPL one-shot)"),
+    ("--min-gap", int, "keep removed blocks at least this far apart while enough qualify (default 1; 2 = no "
+                       "neighbours, less overlap of their groups)"),
     ("--group-size", int, "receiving blocks around the removed one (the paper's G; reference 7)"),
     ("--coef", str, "fusion coefficient: scalar, vector, matrix or lowrank"),
     ("--coef-rank", int, "rank of the low-rank coefficient (reference 128)"),
@@ -254,6 +258,9 @@ _CONFIG_FLAGS = [
     ("--aux-weight", float, "weight of --aux-loss (default 0 = none)"),
     ("--target", str, "distillation target: current (the pruned model's group output, default) or dense (the "
                       "original model's hidden state, cached before the first removal)"),
+    ("--final-epochs", int, "after the last fusion, distil the whole model's next-token distributions against the "
+                            "dense model's for this many epochs (LoRA + norms on every block; default 0 = off)"),
+    ("--final-lr", float, "learning rate of the final stage (default 1e-4)"),
     ("--warmup", float, "linear lr warm-up over this fraction of each distillation's steps (default 0)"),
     ("--clip-grad", float, "clip the gradient norm of the trained parameters (default 0 = off)"),
     ("--epochs", int, "distillation epochs per removal"),
@@ -268,6 +275,8 @@ _CONFIG_FLAGS = [
     ("--calib", str, "calibration source: wikitext2-valid, wikitext103-valid, lambada-dev or a .txt/.jsonl path"),
     ("--seed", int, "seed of calibration sampling and initialisation"),
     ("--compute-dtype", str, "auto (bf16 only where measured faster), fp32, bf16 or fp16"),
+    ("--dtype", str, "dtype of the loaded weights: fp32 (default), bf16 or fp16 (half the memory; trained "
+                     "parameters keep fp32 masters while they train; half weights compute in their own dtype)"),
     ("--offload", str, "where cached activations wait: cpu (RAM, default) or disk (files in a work folder in --out)"),
     ("--cache-entries", int, "activation-cache entries kept per cache, >= 3 (default 4; 0 = all, unbounded)"),
     ("--cache-dtype", str, "storage dtype of cached activations: auto (= compute dtype, default) or fp32"),

@@ -16,10 +16,11 @@ class ConfigError(ValueError):
     """An invalid configuration value, an unknown key or an unknown preset."""
 
 
-MODES = ("iterative", "oneshot")
+MODES = ("iterative", "oneshot", "joint")
 TRAIN_MODES = ("coef", "coef+lora", "full")
 TARGETS = ("current", "dense")
 COMPUTE = ("auto", "fp32", "bf16", "fp16")
+WEIGHT_DTYPES = ("fp32", "bf16", "fp16")
 OFFLOADS = ("cpu", "disk")
 
 
@@ -28,6 +29,13 @@ def loss_names() -> tuple[str, ...]:
     from .distill.losses import LOSSES
 
     return tuple(LOSSES)
+
+
+def order_names() -> tuple[str, ...]:
+    """Block orders of the fusegpt selection, from their registry."""
+    from .methods.fusegpt import ORDERS
+
+    return tuple(ORDERS)
 
 
 def coef_kinds() -> tuple[str, ...]:
@@ -47,8 +55,15 @@ class CompressConfig:
     remove: int | None = None
     # remove exactly these original block indices, in this order, without scoring (ablations on fixed blocks)
     blocks: list[int] | None = None
-    # block selection: iterative = Macro Influence re-scored on the fused model before every removal
-    mode: Literal["iterative", "oneshot"] = "oneshot"
+    # block selection: iterative = Macro Influence re-scored on the fused model before every removal; oneshot =
+    # scored once, still fused and distilled one removal at a time; joint = the paper's one-shot: scored once, every
+    # removed block fused at once, each span of overlapping groups distilled once (drop methods: as oneshot)
+    mode: Literal["iterative", "oneshot", "joint"] = "oneshot"
+    # what ranks blocks for fusegpt's selection: mi (Macro Influence, the paper), bi (ShortGPT's Block Influence)
+    # or nll (calibration NLL with the block skipped: SLEB iterative / PPL one-shot); min_gap 2 avoids removing
+    # neighbours (their groups overlap) while enough other blocks qualify
+    order: str = "mi"
+    min_gap: int = 1
     # receiving blocks around the removed one (the paper's G; the reference window is G + 1 = 8 blocks)
     group_size: int = 7
     coef: Literal["scalar", "vector", "matrix", "lowrank"] = "lowrank"
@@ -66,6 +81,10 @@ class CompressConfig:
     # fold the donor's input-norm gains into its weights before injection (W_d diag(g_d / g_r)): the donor term
     # then sees its own norm's scaling, not the receiver's
     fold_norms: bool = False
+    # a final stage after the last fusion: end-to-end distillation of the whole model's next-token distributions
+    # against the dense model's (logit-kl), LoRA (lora_rank) + norms on every block, on the same calibration windows
+    final_epochs: int = 0
+    final_lr: float = 1e-4
     # merge every receiving layer into a plain linear after its step (later steps inject the merged weights and
     # no longer train earlier coefficients); False = the reference, which keeps every coefficient trainable
     consolidate: bool = True
@@ -98,6 +117,9 @@ class CompressConfig:
     seqlen: int = 256
     seed: int = 0
     # compute
+    # the dtype the model's weights are loaded and kept in (bf16/fp16 halve the memory of an 8B model); whatever it
+    # is, what distillation trains (coefficients, LoRA, norms) keeps fp32 master copies while it trains
+    dtype: Literal["fp32", "bf16", "fp16"] = "fp32"
     compute_dtype: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     device: str = "auto"
     offload_device: str = "cpu"
@@ -141,10 +163,23 @@ class CompressConfig:
              f"--aux-loss must be one of {losses}, got {self.aux_loss!r}")
         need(self.aux_weight >= 0, f"--aux-weight must be >= 0, got {self.aux_weight}")
         need(self.aux_weight == 0 or self.aux_loss is not None, "--aux-weight needs --aux-loss NAME")
+        orders = order_names()
+        need(self.order in orders, f"--order must be one of {orders}, got {self.order!r}")
+        need(self.min_gap >= 1, f"--min-gap must be >= 1 (1 = neighbours allowed), got {self.min_gap}")
         need(self.target in TARGETS, f"--target must be one of {TARGETS}, got {self.target!r}")
+        need(self.final_epochs >= 0, f"--final-epochs must be >= 0 (0 = no final stage), got {self.final_epochs}")
+        need(self.final_epochs == 0 or self.lora_rank >= 1,
+             "--final-epochs needs --lora-rank >= 1 (LoRA on every block)")
+        need(self.final_lr >= 0, f"--final-lr must be >= 0, got {self.final_lr}")
+        need(self.final_epochs == 0 or self.offload != "disk",
+             "--final-epochs trains every block at once, which --offload disk cannot stream; drop one of the two")
         need(0 <= self.warmup < 1, f"--warmup is a fraction of the steps in [0, 1), got {self.warmup}")
         need(self.clip_grad >= 0, f"--clip-grad must be >= 0 (0 = off), got {self.clip_grad}")
         need(self.coef in coefs, f"--coef must be one of {coefs}, got {self.coef!r}")
+        need(self.dtype in WEIGHT_DTYPES, f"--dtype must be one of {WEIGHT_DTYPES}, got {self.dtype!r}")
+        need(self.dtype == "fp32" or self.compute_dtype != "fp32",
+             f"--compute-dtype fp32 needs fp32 weights (--dtype {self.dtype} computes in {self.dtype}); use "
+             f"--dtype fp32, or --compute-dtype auto/{self.dtype}")
         need(self.compute_dtype in COMPUTE, f"--compute-dtype must be one of {COMPUTE}, got {self.compute_dtype!r}")
         need(self.group_size >= 1, f"--group-size must be >= 1, got {self.group_size}")
         need(self.coef_rank >= 1, f"--coef-rank must be >= 1, got {self.coef_rank}")

@@ -14,7 +14,7 @@ from torch import nn
 from .. import faults
 from ..distill import ParamGroup, TrainSettings, group_loss, group_window, train_group
 from ..fusion import FusedLinear, fused_linears, inject_donor, merge_fused_linears
-from ..scoring import macro_influence_scores, output_similarity
+from ..scoring import block_influence_scores, macro_influence_scores, output_similarity, skip_nll_scores
 from .base import Job, StepReport, register_method
 
 log = logging.getLogger(__name__)
@@ -22,8 +22,32 @@ log = logging.getLogger(__name__)
 __all__ = [
     "run_fusegpt", "run_fusegpt_global", "fuse_and_remove", "fuse_step", "param_groups", "receivers_for",
     "Selection", "IterativeMI", "OneShotMI", "FixedPlan", "selection_for", "dense_boundary", "plan_boundaries",
-    "dense_target_count", "ensure_dense_targets",
+    "dense_target_count", "ensure_dense_targets", "ORDERS", "pick_blocks",
 ]
+
+# What ranks the blocks for removal (lower = removed first), on the scoring windows: Macro Influence (the paper),
+# ShortGPT's Block Influence, or the calibration NLL with the block skipped (SLEB when iterative, Shortened-LLaMA's
+# PPL criterion when one-shot). fn(cache, ids, desc) -> one score per current block.
+ORDERS = {
+    "mi": lambda cache, ids, desc: macro_influence_scores(cache, desc=desc),
+    "bi": lambda cache, ids, desc: block_influence_scores(cache),
+    "nll": lambda cache, ids, desc: skip_nll_scores(cache, ids, desc=desc),
+}
+
+
+def pick_blocks(scores: dict[int, float], k: int, removed: list[int] = (), min_gap: int = 1) -> list[int]:
+    """The k lowest-scored blocks (original indices, in score order), preferring blocks at least ``min_gap`` away
+    from every block already removed or picked (``min_gap`` 2 = never two neighbours, so the groups of two
+    removals overlap less); when too few qualify, the lowest of the rest fill up."""
+    ranked = sorted(scores, key=scores.get)
+    taken = list(removed)
+    out = []
+    for b in ranked:
+        if len(out) < k and all(abs(b - r) >= min_gap for r in taken):
+            out.append(b)
+            taken.append(b)
+    out += [b for b in ranked if b not in out][: k - len(out)]
+    return out
 
 
 def param_groups(receivers: list[nn.Module], train: str, coef_lr: float, lr: float) -> list[ParamGroup]:
@@ -81,35 +105,37 @@ class Selection:
 
 
 def _mi_scores(job: Job, step: int, sec: dict[str, float]) -> dict[int, float]:
-    cache = job.cache("score", job.calib_ids[: job.config.score_samples])
+    """Scores of the config's ``order`` (MI by default) for every current block, by original index."""
+    ids = job.calib_ids[: job.config.score_samples]
+    cache = job.cache("score", ids)
     with job.measure("scoring", sec):
-        scores = macro_influence_scores(cache, desc=f"({step + 1}/{job.num_removals}) scoring")
+        scores = ORDERS[job.config.order](cache, ids, f"({step + 1}/{job.num_removals}) scoring")
     return {job.state.orig[i]: s for i, s in enumerate(scores)}
 
 
 class IterativeMI(Selection):
-    """Re-score Macro Influence on the current (fused) model before every removal; remove the lowest."""
+    """Re-score (Macro Influence, or the config's ``order``) on the current (fused) model before every removal;
+    remove the lowest (away from removed blocks by ``min_gap`` when possible)."""
 
     def choose(self, job, step, sec):
         scores = _mi_scores(job, step, sec)
-        return job.state.current(min(scores, key=scores.get)), scores
+        removed = [s.removed for s in job.state.steps]
+        return job.state.current(pick_blocks(scores, 1, removed, job.config.min_gap)[0]), scores
 
 
 class OneShotMI(Selection):
-    """Score once (step 0); remove the k lowest in order of their score."""
+    """Score once (step 0); remove the k lowest in order of their score (``min_gap`` apart when possible)."""
 
     _scores: dict[int, float] | None = None
 
     def choose(self, job, step, sec):
         scores = _mi_scores(job, step, sec) if step == 0 else None
         self._scores = scores if scores is not None else self._scores
-        first = scores if scores is not None else job.state.steps[0].scores
-        plan = sorted(first, key=first.get)[: job.num_removals]
-        return job.state.current(plan[step]), scores
+        return job.state.current(self.plan(job)[step]), scores
 
     def plan(self, job):
         first = job.state.steps[0].scores if job.state.steps else self._scores
-        return sorted(first, key=first.get)[: job.num_removals]
+        return pick_blocks(first, job.num_removals, min_gap=job.config.min_gap)
 
 
 class FixedPlan(Selection):
@@ -152,22 +178,24 @@ def plan_boundaries(plan: list[int], num_blocks: int, group_size: int) -> list[i
 
 
 def dense_target_count(config, num_blocks: int) -> int:
-    """How many dense boundaries a run keeps (the memory formula's D): the plan's for one-shot or given blocks
-    with local receivers, else every boundary."""
+    """How many dense boundaries a run keeps (the memory formula's D): with --target dense the plan's for one-shot
+    or given blocks with local receivers, else every boundary; the final stage adds the last output."""
+    final = 1 if config.final_epochs > 0 else 0
     if config.target != "dense":
-        return 0
+        return final
     from ..config import num_removals
 
-    fixed = config.method == "fusegpt" and (config.blocks is not None or config.mode == "oneshot")
-    return min(num_removals(config, num_blocks), num_blocks) if fixed else num_blocks
+    fixed = config.method == "fusegpt" and (config.blocks is not None or config.mode in ("oneshot", "joint"))
+    return min(num_removals(config, num_blocks) + final, num_blocks) if fixed else num_blocks
 
 
-def ensure_dense_targets(job: Job, plan: list[int] | None) -> None:
+def ensure_dense_targets(job: Job, boundaries: list[int] | None, *, final: bool = False) -> None:
     """Fill ``job.state.targets`` {original boundary: [N, T, H]} with the dense model's hidden states.
 
     A fresh run computes them from the calibration cache while the model is still dense (step 0, after the
-    selection's first choice); a resumed run reads the copy its checkpoint wrote then. ``plan`` (a fixed removal
-    order) limits them to the boundaries its steps will use; None keeps every boundary."""
+    selection's first choice); a resumed run reads the copy its checkpoint wrote then. With ``--target dense``,
+    ``boundaries`` (known when the removal order is fixed) limits them to those the steps will use (None: every
+    boundary); ``final`` adds the last block's output (the final stage's target)."""
     if job.state.targets is not None:
         return
     if job.state.steps:  # resumed: the model is no longer dense
@@ -178,7 +206,10 @@ def ensure_dense_targets(job: Job, plan: list[int] | None) -> None:
         job.state.targets = store
         return
     L = job.adapter.num_blocks
-    wanted = plan_boundaries(plan, L, job.config.group_size) if plan is not None else list(range(1, L + 1))
+    wanted = []
+    if job.config.target == "dense":
+        wanted = list(boundaries) if boundaries is not None else list(range(1, L + 1))
+    wanted = sorted(set(wanted) | ({L} if final else set()))
     cache, store = job.cache("calib", job.calib_ids), job.target_store()
     for b in wanted:
         store.put(b, cache.get(b))
@@ -206,10 +237,9 @@ def _fuse_and_distill(job: Job, step: int, p: int, recv: list[int], span: list[i
     cfg, ad, runner = job.config, job.adapter, job.runner
     k, orig = job.num_removals, job.state.orig
     tag = f"({step + 1}/{k})"
-    S = cfg.score_samples
     blocks, kinds = list(ad.blocks), ad.block_kinds()
     receiving = [blocks[i] for i in recv]
-    if job.state.targets is not None:  # --target dense: the original model at the span's boundary
+    if cfg.target == "dense":  # the original model at the span's boundary
         y = job.state.targets.get(dense_boundary(orig, span[-1], job.num_original))
     else:
         with job.measure("teacher", sec):
@@ -221,6 +251,17 @@ def _fuse_and_distill(job: Job, step: int, p: int, recv: list[int], span: list[i
     inject_donor(ad, blocks[p], receiving, coef_kind=cfg.coef, coef_rank=cfg.coef_rank,
                  lora_rank=0 if cfg.train == "full" else cfg.lora_rank, generator=job.generator,
                  fold_norms=cfg.fold_norms)
+    desc = f"{tag} fusing block {orig[p]} into {orig[recv[0]]}..{orig[recv[-1]]}"
+    return _distill(job, step, student, skinds, receiving, x, y, sec, desc)
+
+
+def _distill(job: Job, step: int, student: list[nn.Module], skinds: list[str], receiving: list[nn.Module],
+             x: torch.Tensor, y: torch.Tensor, sec: dict[str, float], desc: str):
+    """Train the receivers (their fused terms, LoRA, norms) so the student blocks map x to y; on divergence restore
+    and retry at half the learning rates, then give up (plain removal); consolidate. Returns (loss before, after,
+    MSE before, after, the TrainResult, the divergence reasons)."""
+    cfg, runner = job.config, job.runner
+    S, tag = cfg.score_samples, f"({step + 1}/{job.num_removals})"
     for block in receiving:
         for _, fl in fused_linears(block):
             fl.checkpoint = runner.grad_checkpoint
@@ -231,7 +272,6 @@ def _fuse_and_distill(job: Job, step: int, p: int, recv: list[int], span: list[i
                              aux_loss=cfg.aux_loss, aux_weight=cfg.aux_weight, warmup=cfg.warmup,
                              clip_grad=cfg.clip_grad)
     groups = param_groups(receiving, cfg.train, cfg.coef_lr, cfg.lr)
-    desc = f"{tag} fusing block {orig[p]} into {orig[recv[0]]}..{orig[recv[-1]]}"
     reasons: list[str] = []
     with job.measure("train", sec, flops_factor=6.0):  # forward + backward (~2x forward)
         res = train_group(runner, student, skinds, x, y, groups, settings, generator=job.generator, desc=desc)
@@ -243,7 +283,7 @@ def _fuse_and_distill(job: Job, step: int, p: int, recv: list[int], span: list[i
                               desc=desc + " (retry, lr / 2)")
             if res.diverged:
                 reasons.append(res.reason or "diverged")
-                log.warning("%s %s again: the step keeps plain removal of block %d", tag, res.reason, orig[p])
+                log.warning("%s %s again: the step keeps plain removal", tag, res.reason)
     after, mse_after = _group_losses(job, student, skinds, x[:S], y[:S], sec)
     if cfg.consolidate:
         for block in receiving:
@@ -286,19 +326,152 @@ def fuse_step(job: Job, step: int, p: int, recv: list[int], sec: dict[str, float
 def fuse_and_remove(job: Job, *, receivers: str, selection: Selection | None = None) -> list[StepReport]:
     """The FuseGPT loop: choose a block (``selection``, from the config by default), fuse it into its receivers
     (``local`` partial group or ``global``), distill, remove; from the job's next step (> 0 after a resume)."""
+    if job.config.mode == "joint":
+        if receivers != "local":
+            raise ValueError("--mode joint fuses into the local groups; fusegpt-global needs oneshot or iterative")
+        return fuse_joint(job)
     selection = selection or selection_for(job.config)
     for step in range(job.next_step, job.num_removals):
         sec: dict[str, float] = {}
         p, scores = selection.choose(job, step, sec)
-        if job.config.target == "dense":
-            ensure_dense_targets(job, selection.plan(job) if receivers == "local" else None)
+        if job.config.target == "dense" or job.config.final_epochs > 0:
+            plan = selection.plan(job) if receivers == "local" else None
+            ensure_dense_targets(job, None if plan is None else plan_boundaries(plan, job.num_original,
+                                                                                job.config.group_size),
+                                 final=job.config.final_epochs > 0)
         if scores is not None:
             log.info("(%d/%d) MI: lowest %s", step + 1, job.num_removals,
                      sorted(scores.items(), key=lambda kv: kv[1])[:3])
         rep, changed = fuse_step(job, step, p, receivers_for(job, p, receivers), sec)
         rep.scores = scores
         job.finish_step(rep, changed)
+    if job.config.final_epochs > 0:
+        final_stage(job)
     return job.state.steps
+
+
+# ---- the paper's one-shot: select once, fuse all, distil each joint span once -----------------------------------
+def joint_spans(plan: list[int], num_blocks: int, group_size: int) -> list[tuple[list[int], dict[int, list[int]]]]:
+    """Spans of the joint one-shot mode, on original indices: every planned block's window (its G receivers and
+    itself) on the unpruned model; windows that share a block form one span. Receivers are the window's blocks
+    that are not removed. Returns [(span blocks, {removed block: its receivers})] from the first span to the last;
+    the removed blocks of a span keep the plan's order."""
+    planned = set(plan)
+    windows = {b: sorted(set(group_window(b, num_blocks, group_size)) | {b}) for b in plan}
+    spans: list[tuple[set[int], list[int]]] = []
+    for b in sorted(plan, key=lambda b: windows[b][0]):
+        w = set(windows[b])
+        if spans and spans[-1][0] & w:
+            spans[-1][0].update(w)
+            spans[-1][1].append(b)
+        else:
+            spans.append((w, [b]))
+    out = []
+    for blocks, members in spans:
+        members = sorted(members, key=plan.index)
+        out.append((sorted(blocks), {b: [r for r in windows[b] if r not in planned] for b in members}))
+    return out
+
+
+def fuse_joint(job: Job) -> list[StepReport]:
+    """The paper's one-shot: score once, pick the k blocks, inject every removed block into its window's kept
+    blocks at once, and distil each span (overlapping windows together) in one training run against the span's
+    output: the dense model's at the span's end with ``--target dense`` (natural here), else the model's before
+    this span's removals. Spans run front to back, so a span's input is the model with the spans before it fused.
+    One StepReport per removed block; a span's losses and training are on its first. Resumable per span."""
+    cfg = job.config
+    k, L0 = job.num_removals, job.num_original
+    sec0: dict[str, float] = {}
+    if cfg.blocks is not None:
+        scores, plan = None, list(cfg.blocks)
+    else:
+        scores = _mi_scores(job, 0, sec0) if not job.state.steps else None
+        first = scores if scores is not None else job.state.steps[0].scores
+        plan = pick_blocks(first, k, min_gap=cfg.min_gap)
+    spans = joint_spans(plan, L0, cfg.group_size)
+    if cfg.target == "dense" or cfg.final_epochs > 0:
+        ensure_dense_targets(job, [dense_boundary(list(range(L0)), span[-1], L0) for span, _ in spans],
+                             final=cfg.final_epochs > 0)
+    done = {s.removed for s in job.state.steps}
+    for span, members in spans:
+        if all(b in done for b in members):
+            continue
+        step0 = job.next_step
+        sec = sec0 if step0 == 0 else {}
+        removed_here = [b for b in members if b not in done]
+        if len(removed_here) == len(members):
+            before, after, mse_before, mse_after, res, reasons = _joint_span(job, step0, span, members, sec)
+        else:  # resumed between the records of one span: its training is done and saved
+            before = after = mse_before = mse_after = res = None
+            reasons = []
+        kept = [b for b in span if b not in members]
+        for j, b in enumerate(removed_here):
+            step = job.next_step
+            g0 = min(job.state.current(r) for r in span if r in job.state.orig)  # caches stay valid before it
+            job.remove_block(job.state.current(b), first_changed=g0)
+            lead = j == 0 and res is not None
+            rep = StepReport(
+                step=step, removed=b, group=members[b], scores=scores if step == 0 else None,
+                loss_before=before if lead else None, loss_after=after if lead else None,
+                mse_before=mse_before if lead else None, mse_after=mse_after if lead else None,
+                epoch_losses=res.epoch_losses if lead else [], train_steps=res.steps if lead else 0,
+                nonfinite=res.nonfinite if lead else False, restored=bool(reasons) and lead,
+                retried=bool(reasons) and lead, fallback=len(reasons) == 2 and lead,
+                divergence=reasons if lead else [], seconds=sec if j == 0 else {},
+                extra={"joint_span": [span[0], span[-1]], "removed_with": list(members)})
+            # the receivers' trained weights go with the span's first record (a later crash replays it whole)
+            changed = [job.state.current(r) for r in kept] if j == 0 else []
+            job.finish_step(rep, changed)
+            log.info("(%d/%d) removed block %d (joint span %d..%d)", step + 1, k, b, span[0], span[-1])
+    if cfg.final_epochs > 0:
+        final_stage(job)
+    return job.state.steps
+
+
+def _joint_span(job: Job, step: int, span: list[int], members: dict[int, list[int]], sec: dict[str, float]):
+    """Inject every removed block of ``span`` into its receivers, distil the span's kept blocks once."""
+    cfg, ad, runner = job.config, job.adapter, job.runner
+    cur = [job.state.current(b) for b in span]
+    blocks, kinds = list(ad.blocks), ad.block_kinds()
+    with runner.resident([blocks[i] for i in cur], save=[blocks[job.state.current(b)] for b in span
+                                                          if b not in members]):
+        with job.measure("teacher", sec):
+            x = job.cache("calib", job.calib_ids).get(cur[0])
+            if cfg.target == "dense":
+                y = job.state.targets.get(dense_boundary(job.state.orig, cur[-1], job.num_original))
+            else:
+                y = runner.run([blocks[i] for i in cur], [kinds[i] for i in cur], x)
+        job.note_memory()
+        for b, recv in members.items():
+            inject_donor(ad, blocks[job.state.current(b)], [blocks[job.state.current(r)] for r in recv],
+                         coef_kind=cfg.coef, coef_rank=cfg.coef_rank,
+                         lora_rank=0 if cfg.train == "full" else cfg.lora_rank, generator=job.generator,
+                         fold_norms=cfg.fold_norms)
+        kept = [b for b in span if b not in members]
+        student = [blocks[job.state.current(b)] for b in kept]
+        skinds = [kinds[job.state.current(b)] for b in kept]
+        receiving = [blocks[job.state.current(r)] for r in sorted({r for rs in members.values() for r in rs})]
+        desc = f"({step + 1}/{job.num_removals}) joint: fusing {list(members)} into {span[0]}..{span[-1]}"
+        return _distill(job, step, student, skinds, receiving, x, y, sec, desc)
+
+
+def final_stage(job: Job) -> None:
+    """End-to-end distillation after the last fusion: every block's LoRA and norms learn the dense model's
+    next-token distributions (``logit-kl``) on the calibration windows; merged into plain linears. Recorded in the
+    last step's report (``extra["final"]``, ``seconds["final"]``). A resumed run repeats it from the restored
+    model (it is not checkpointed: it runs once, after the last recorded step)."""
+    from .heal import lora_heal
+
+    ensure_dense_targets(job, None, final=True)
+    cfg, L0 = job.config, job.num_original
+    res = lora_heal(job, epochs=cfg.final_epochs, lr=cfg.final_lr, teacher=job.state.targets.get(L0),
+                    desc="final distillation (logit KL vs dense)")
+    last = job.state.steps[-1]
+    last.seconds["final"] = res["seconds"]
+    last.extra["final"] = {k: res[k] for k in ("nll_before", "nll_after", "epoch_losses", "steps", "nonfinite",
+                                               "restored")}
+    log.info("final distillation: calibration NLL %.4f -> %.4f (%d steps, %.1f s)", res["nll_before"],
+             res["nll_after"], res["steps"], res["seconds"])
 
 
 @register_method("fusegpt", kind="fuse", summary="FuseGPT: MI selection, learnable fusion into the local group",

@@ -25,31 +25,42 @@ log = logging.getLogger(__name__)
 __all__ = ["run_heal_lora", "lora_heal"]
 
 
-def lora_heal(job: Job) -> dict:
-    """LoRA fine-tuning of every block of ``job.model`` on the calibration sequences (in place, merged)."""
+def lora_heal(job: Job, *, epochs: int | None = None, lr: float | None = None, teacher=None,
+              desc: str = "LoRA healing") -> dict:
+    """LoRA fine-tuning of every block of ``job.model`` on the calibration sequences (in place, merged).
+
+    Without ``teacher`` the loss is the next-token cross-entropy; with ``teacher`` ([N, T, H], the dense model's
+    final hidden states of the same sequences) it is the KL of the next-token distributions against the dense
+    model's (``logit-kl`` through the frozen final norm and head: end-to-end distillation). The norms train too
+    when distilling. ``epochs`` / ``lr`` default to the config's."""
     cfg, ad, runner = job.config, job.adapter, job.runner
     if cfg.lora_rank < 1:
-        raise ValueError("heal-lora needs --lora-rank >= 1")
+        raise ValueError("LoRA healing / the final distillation needs --lora-rank >= 1")
+    epochs = cfg.epochs if epochs is None else epochs
+    lr = cfg.lr if lr is None else lr
     ids = job.calib_ids
     t = time.perf_counter()
     x = runner.embed(ids)
     score_ids, score_x = ids[: cfg.score_samples], x[: cfg.score_samples]
     before = lm_nll(runner, runner.run_model_blocks(score_x), score_ids)
     blocks, kinds = list(ad.blocks), ad.block_kinds()
-    lora = []
+    lora, norms = [], []
     for b in blocks:
         for fl in wrap_block(ad, b, lora_rank=cfg.lora_rank, generator=job.generator).values():
             lora += fl.lora_parameters()
+        norms += [p for n, p in b.named_parameters() if "norm" in n] if teacher is not None else []
 
     def lm_loss(out: torch.Tensor, target_ids: torch.Tensor) -> torch.Tensor:
         logits = ad.head(out)
         return F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]), target_ids[:, 1:].reshape(-1))
 
-    settings = TrainSettings(epochs=cfg.epochs, batch_size=cfg.batch_size, betas=tuple(cfg.betas),
-                             weight_decay=cfg.weight_decay, shuffle=cfg.shuffle)
+    settings = TrainSettings(loss="logit-kl", epochs=epochs, batch_size=cfg.batch_size, betas=tuple(cfg.betas),
+                             weight_decay=cfg.weight_decay, shuffle=cfg.shuffle, warmup=cfg.warmup,
+                             clip_grad=cfg.clip_grad)
+    groups = [ParamGroup("lora", lora, lr)] + ([ParamGroup("norm", norms, lr)] if norms else [])
     m0 = runner.macs
-    res = train_group(runner, blocks, kinds, x, ids, [ParamGroup("lora", lora, cfg.lr)], settings,
-                      generator=job.generator, desc="LoRA healing", loss_fn=lm_loss)
+    res = train_group(runner, blocks, kinds, x, ids if teacher is None else teacher, groups, settings,
+                      generator=job.generator, desc=desc, loss_fn=lm_loss if teacher is None else None)
     job.flops["train"] += 3 * 2 * (runner.macs - m0)
     for b in blocks:
         merge_fused_linears(b)
