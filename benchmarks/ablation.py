@@ -4,14 +4,17 @@ and appended to a JSONL file at once (re-running skips finished variants, so an 
     python benchmarks/ablation.py --out runs/ablation10.jsonl --blocks 14,13,12 \
         --variant "mse:loss=mse" --variant "kl-batch:loss=kl-batch" ...
 
-A variant is NAME:key=value,key=value (CompressConfig keys; values parsed as JSON where possible).
-Special variants: "dense" (no compression) and "drop" (plain removal of --blocks / the scored blocks).
+A variant is NAME:key=value,key=value (CompressConfig keys; values parsed as JSON where possible, so
+blocks=[4,25,5] is a list).
+Special variants: "dense" (no compression) and "drop" (plain removal of --blocks, of blocks=[...], or, with
+like=NAME, of the blocks a finished row NAME removed).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import re
 from pathlib import Path
 
 import torch
@@ -20,7 +23,7 @@ import torch
 def parse_variant(text: str) -> tuple[str, dict]:
     name, _, rest = text.partition(":")
     values = {}
-    for item in filter(None, rest.split(",")):
+    for item in filter(None, re.split(r",(?![^\[]*\])", rest)):  # commas inside [..] belong to a list
         k, _, v = item.partition("=")
         try:
             values[k.replace("-", "_")] = json.loads(v)
@@ -55,9 +58,11 @@ def main() -> None:
     from fusegpt.fusion import merge_fused_linears
     from fusegpt.models import load_model
 
-    done = set()
+    finished = {}
     if args.out.exists():
-        done = {json.loads(line)["name"] for line in args.out.read_text().splitlines() if line.strip()}
+        finished = {r["name"]: r for r in (json.loads(line) for line in args.out.read_text().splitlines()
+                                            if line.strip())}
+    done = set(finished)
     _, base = parse_variant("base:" + args.base)
     if args.blocks:
         base["blocks"] = [int(b) for b in args.blocks.split(",")]
@@ -71,8 +76,9 @@ def main() -> None:
         row = {"name": name, "values": values, "model": args.model}
         if name == "dense":
             row.update(layers=model.config.num_hidden_layers, seconds=0.0)
-        elif name == "drop":
-            blocks = values.get("blocks", base.get("blocks"))
+        elif name == "drop" or name.startswith("drop-"):
+            blocks = finished[values["like"]]["removed"] if "like" in values else values.get("blocks",
+                                                                                          base.get("blocks"))
             drop_blocks(model, blocks)
             row.update(removed=blocks, layers=model.config.num_hidden_layers, seconds=0.0)
         else:
@@ -94,6 +100,7 @@ def main() -> None:
               f"({row.get('seconds', 0):.0f} s compress)", flush=True)
         with args.out.open("a") as fh:
             fh.write(json.dumps(row) + "\n")
+        finished[name] = row
 
 
 if __name__ == "__main__":

@@ -1,6 +1,9 @@
 """Markdown table of an ablation JSONL written by benchmarks/ablation.py (recovery vs the 'drop' and 'dense' rows).
 
-    python benchmarks/ablation_table.py runs/ablation10.jsonl [--dense-ppl 38.06]
+    python benchmarks/ablation_table.py runs/ablation10.jsonl [--dense-ppl 38.06] [--changes]
+
+Recovery = (ln PPL_drop - ln PPL) / (ln PPL_drop - ln PPL_dense), on WikiText-2 and, when the rows have it, on the
+second corpus. ``--changes`` lists only what each variant changed (its values) instead of a fixed set of keys.
 """
 
 from __future__ import annotations
@@ -10,26 +13,55 @@ import json
 import math
 
 
+def recovery(ppl: float, drop: float, dense: float | None) -> float:
+    if dense is None or ppl is None:
+        return float("nan")
+    return (math.log(drop) - math.log(ppl)) / (math.log(drop) - math.log(dense))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("jsonl")
     ap.add_argument("--dense-ppl", type=float, default=None, help="dense PPL when the file has no 'dense' row")
+    ap.add_argument("--changes", action="store_true", help="one column with each variant's changed values")
+    ap.add_argument("--drop-row", default="drop", help="the plain-removal row recovery is measured against")
+    ap.add_argument("--only", default=None, help="comma-separated row names to list (default: all)")
     args = ap.parse_args()
     rows = [json.loads(line) for line in open(args.jsonl) if line.strip()]
     by = {r["name"]: r for r in rows}
     dense = by["dense"]["ppl"] if "dense" in by else args.dense_ppl
-    drop = by["drop"]["ppl"]
-    keys = ["mode", "loss", "train", "group_size", "lr", "coef_lr", "batch_size", "epochs", "consolidate"]
-    print("| variant | " + " | ".join(keys) + " | removed | PPL | recovery | compress s |")
-    print("|---" * (len(keys) + 5) + "|")
+    dense2 = by["dense"].get("ppl_second") if "dense" in by else None
+    drop, drop2 = by[args.drop_row]["ppl"], by[args.drop_row].get("ppl_second")
+    second = next((r["second"] for r in rows if r.get("second")), None)
+    keys = [] if args.changes else ["mode", "loss", "train", "group_size", "lr", "coef_lr", "batch_size", "epochs",
+                                    "consolidate"]
+    head = ["variant"] + (["changes"] if args.changes else keys) + ["removed", "WikiText-2 PPL", "recovery"]
+    if second:
+        head += [f"{second} PPL", "recovery"]
+    head += ["compress s", "optimizer steps", "compute", "of matmul peak"]
+    print("| " + " | ".join(head) + " |")
+    print("|---" * len(head) + "|")
+    only = set(args.only.split(",")) if args.only else None
     for r in rows:
-        rec = (math.log(drop) - math.log(r["ppl"])) / (math.log(drop) - math.log(dense)) if dense else float("nan")
+        if only is not None and r["name"] not in only:
+            continue
         cfg = r.get("config") or {}
-        if cfg.get("blocks") and cfg.get("mode") == "iterative":
-            cfg = {**cfg, "mode": "fixed (= one-shot MI order)"}
-        cells = [str(cfg.get(k, "-")) for k in keys]
-        print(f"| {r['name']} | " + " | ".join(cells) + f" | {r.get('removed', '-')} | {r['ppl']:.2f} | {rec:.2f} | "
-              f"{r.get('seconds', 0):.0f} |")
+        if args.changes:
+            cells = [", ".join(f"{k}={v}" for k, v in r.get("values", {}).items()) or "-"]
+        else:
+            if cfg.get("blocks") and cfg.get("mode") == "iterative":
+                cfg = {**cfg, "mode": "fixed (= one-shot MI order)"}
+            cells = [str(cfg.get(k, "-")) for k in keys]
+        removed = ",".join(str(b) for b in r["removed"]) if r.get("removed") else "-"
+        cells += [removed, f"{r['ppl']:.2f}", f"{recovery(r['ppl'], drop, dense):.3f}"]
+        if second:
+            p2 = r.get("ppl_second")
+            cells += [f"{p2:.2f}" if p2 else "-", f"{recovery(p2, drop2, dense2):.3f}" if p2 else "-"]
+        dtype = (r.get("compute_dtype") or "-").replace("torch.", "")
+        frac = r.get("flops_fraction_of_peak")
+        cells += [f"{r.get('seconds', 0):.0f}", str(r.get("train_steps", "-")), dtype,
+                  f"{frac:.2f}" if frac else "-"]
+        print(f"| {r['name']} | " + " | ".join(cells) + " |")
 
 
 if __name__ == "__main__":
