@@ -272,7 +272,8 @@ _CONFIG_FLAGS = [
     ("--nsamples", int, "calibration sequences"),
     ("--score-samples", int, "calibration sequences used for scoring (the first ones)"),
     ("--seqlen", int, "calibration sequence length in tokens"),
-    ("--calib", str, "calibration source: wikitext2-valid, wikitext103-valid, lambada-dev or a .txt/.jsonl path"),
+    ("--calib", str, "calibration source: wikitext2-valid, wikitext103-valid, lambada-dev, boolq-passages (raw "
+                     "Wikipedia text) or a .txt/.jsonl path"),
     ("--seed", int, "seed of calibration sampling and initialisation"),
     ("--compute-dtype", str, "auto (bf16 only where measured faster), fp32, bf16 or fp16"),
     ("--dtype", str, "dtype of the loaded weights: fp32 (default), bf16 or fp16 (half the memory; trained "
