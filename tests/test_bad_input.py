@@ -81,8 +81,13 @@ def test_zero_shot_without_the_eval_extra(tiny_folder, monkeypatch, capsys, no_l
 def test_help_lists_accepted_values(capsys):
     assert main(["compress", "--help"]) == 0
     out = capsys.readouterr().out
-    for choice in ("{kl-batch,kl-hidden,mse,cosine}", "{iterative,oneshot}", "{coef,coef+lora,full}",
-                   "{scalar,vector,matrix,lowrank}", "{auto,fp32,bf16,fp16}", "fusegpt-global", "{cpu,paper}"):
+    from fusegpt.distill import LOSSES
+
+    losses = "{" + ",".join(LOSSES) + "}"
+    assert {"kl-batch", "kl-hidden", "mse", "cosine", "nmse", "mse-norm", "logit-kl"} <= set(LOSSES)
+    for choice in (losses, "{iterative,oneshot,joint}", "{coef,coef+lora,full}", "{mi,bi,nll}", "{current,dense}",
+                   "{scalar,vector,matrix,lowrank}", "{auto,fp32,bf16,fp16}", "{fp32,bf16,fp16}", "fusegpt-global",
+                   "{cpu,paper}"):
         assert choice in out
 
 
