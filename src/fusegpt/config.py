@@ -33,7 +33,7 @@ def loss_names() -> tuple[str, ...]:
 
 def order_names() -> tuple[str, ...]:
     """Block orders of the fusegpt selection, from their registry."""
-    from .methods.fusegpt import ORDERS
+    from .scoring import ORDERS
 
     return tuple(ORDERS)
 

@@ -22,15 +22,12 @@ from typing import Callable
 import torch
 
 from ..activations import ActivationCache
-from ..scoring import (
-    angular_window_distances, block_influence_scores, macro_influence_scores, magnitude_scores, skip_nll_scores,
-    taylor_scores,
-)
+from ..scoring import ORDERS, angular_window_distances, magnitude_scores, taylor_scores
 from .base import Job, StepReport, register_method
 
 log = logging.getLogger(__name__)
 
-__all__ = ["remove_by_scores", "remove_plan"]
+__all__ = ["remove_by_scores", "remove_plan", "scorer_of"]
 
 Scorer = Callable[[Job, ActivationCache, torch.Tensor, str], list[float]]
 
@@ -77,16 +74,9 @@ def remove_by_scores(job: Job, scorer: Scorer, *, iterative: bool, name: str,
 
 
 # ---- scorers (lower = remove first) ---------------------------------------------------------------------------
-def _mi(job: Job, cache: ActivationCache, ids: torch.Tensor, desc: str) -> list[float]:
-    return macro_influence_scores(cache, desc=desc)
-
-
-def _bi(job: Job, cache: ActivationCache, ids: torch.Tensor, desc: str) -> list[float]:
-    return block_influence_scores(cache)
-
-
-def _nll(job: Job, cache: ActivationCache, ids: torch.Tensor, desc: str) -> list[float]:
-    return skip_nll_scores(cache, ids, desc=desc)
+def scorer_of(name: str) -> Scorer:
+    """A scorer from the shared block orders (scoring.ORDERS)."""
+    return lambda job, cache, ids, desc: ORDERS[name](cache, ids, desc)
 
 
 def _taylor(job: Job, cache: ActivationCache, ids: torch.Tensor, desc: str) -> list[float]:
@@ -109,10 +99,11 @@ def _scored(scorer: Scorer, iterative: bool | None, label: str) -> Callable[[Job
 
 # name, scorer, iterative (None = config mode), label, summary, works with --offload disk
 _SCORED = [
-    ("drop-mi", _mi, None, "MI", "Macro Influence selection, plain removal (no fusion)", True),
-    ("shortgpt", _bi, False, "BI", "ShortGPT Block Influence, one-shot", True),
-    ("sleb", _nll, True, "SLEB NLL", "SLEB: iterative removal of the block whose removal costs least NLL", True),
-    ("ppl-oneshot", _nll, False, "PPL", "Shortened LLaMA PPL criterion, one-shot", True),
+    ("drop-mi", scorer_of("mi"), None, "MI", "Macro Influence selection, plain removal (no fusion)", True),
+    ("shortgpt", scorer_of("bi"), False, "BI", "ShortGPT Block Influence, one-shot", True),
+    ("sleb", scorer_of("nll"), True, "SLEB NLL", "SLEB: iterative removal of the block whose removal costs least NLL",
+     True),
+    ("ppl-oneshot", scorer_of("nll"), False, "PPL", "Shortened LLaMA PPL criterion, one-shot", True),
     ("taylor", _taylor, False, "Taylor", "Shortened LLaMA first-order Taylor criterion, one-shot", False),
     ("magnitude", _magnitude, False, "magnitude", "sum |W| per block, one-shot", False),
 ]

@@ -14,7 +14,7 @@ from torch import nn
 from .. import faults
 from ..distill import ParamGroup, TrainSettings, group_loss, group_window, train_group
 from ..fusion import FusedLinear, fused_linears, inject_donor, merge_fused_linears
-from ..scoring import block_influence_scores, macro_influence_scores, output_similarity, skip_nll_scores
+from ..scoring import ORDERS, output_similarity
 from .base import Job, StepReport, register_method
 
 log = logging.getLogger(__name__)
@@ -24,15 +24,6 @@ __all__ = [
     "Selection", "IterativeMI", "OneShotMI", "FixedPlan", "selection_for", "dense_boundary", "plan_boundaries",
     "dense_target_count", "ensure_dense_targets", "ORDERS", "pick_blocks",
 ]
-
-# What ranks the blocks for removal (lower = removed first), on the scoring windows: Macro Influence (the paper),
-# ShortGPT's Block Influence, or the calibration NLL with the block skipped (SLEB when iterative, Shortened-LLaMA's
-# PPL criterion when one-shot). fn(cache, ids, desc) -> one score per current block.
-ORDERS = {
-    "mi": lambda cache, ids, desc: macro_influence_scores(cache, desc=desc),
-    "bi": lambda cache, ids, desc: block_influence_scores(cache),
-    "nll": lambda cache, ids, desc: skip_nll_scores(cache, ids, desc=desc),
-}
 
 
 def pick_blocks(scores: dict[int, float], k: int, removed: list[int] = (), min_gap: int = 1) -> list[int]:

@@ -25,7 +25,7 @@ from torch import nn
 from ..fusion import average_merge, rdsc_merge
 from ..scoring import macro_influence
 from .base import Job, StepReport, register_method
-from .drop import _mi, remove_by_scores
+from .drop import remove_by_scores, scorer_of
 
 log = logging.getLogger(__name__)
 
@@ -129,5 +129,5 @@ def run_merge_average(job: Job) -> list[StepReport]:
         _load(blocks[n], merged_block_params([blocks[n], blocks[p]], "average"))
         return n, {"merged_into": job.state.orig[n]}
 
-    return remove_by_scores(job, _mi, iterative=job.config.mode == "iterative", name="MI",
+    return remove_by_scores(job, scorer_of("mi"), iterative=job.config.mode == "iterative", name="MI",
                             before_remove=before_remove)

@@ -7,8 +7,18 @@ from .scorers import (
     taylor_scores,
 )
 
+# Block orders through the activation cache, lower = remove first: fn(cache, ids, desc) -> one score per current
+# block. Macro Influence (the paper), ShortGPT's Block Influence, or the calibration NLL with the block skipped
+# (SLEB when re-scored after every removal, Shortened-LLaMA's PPL criterion when scored once). Shared by fusegpt's
+# selection (--order) and the drop baselines.
+ORDERS = {
+    "mi": lambda cache, ids, desc: macro_influence_scores(cache, desc=desc),
+    "bi": lambda cache, ids, desc: block_influence_scores(cache),
+    "nll": lambda cache, ids, desc: skip_nll_scores(cache, ids, desc=desc),
+}
+
 __all__ = [
-    "angular_distance", "angular_window_distances", "block_influence", "block_influence_scores", "lm_nll",
+    "ORDERS", "angular_distance", "angular_window_distances", "block_influence", "block_influence_scores", "lm_nll",
     "macro_influence", "macro_influence_scores", "magnitude", "magnitude_scores", "next_token_nll",
     "output_similarity", "skip_nll_scores", "taylor_importance", "taylor_scores",
 ]
