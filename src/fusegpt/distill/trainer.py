@@ -13,6 +13,7 @@ from tqdm.auto import tqdm
 from ..activations import Runner
 from ..device import trim_heap
 from ..distributed import all_reduce_grads, gather_batch, split_batch, world_size
+from ..fusion.math import master_dtype
 from .losses import LossHead, build_loss, get_loss, needs_head
 from .schedule import lr_factor
 
@@ -111,8 +112,8 @@ def train_group(
     # fp32 masters: half-precision parameters (norms of a model loaded in bf16) train in fp32 and are cast back
     stored = [p.dtype for p in params]
     for p in params:
-        if p.dtype in (torch.bfloat16, torch.float16):
-            p.data = p.data.float()
+        if master_dtype(p.dtype) != p.dtype:
+            p.data = p.data.to(master_dtype(p.dtype))
         p.requires_grad_(True)
     opt = torch.optim.Adam(
         [{"params": g.params, "lr": g.lr} for g in groups if g.params],

@@ -13,7 +13,7 @@ from typing import Iterator
 import torch
 from torch import nn
 
-from .math import coef_value, fused_bias, fused_linear, fused_weight
+from .math import coef_value, fused_bias, fused_linear, fused_weight, master_dtype
 
 __all__ = ["COEF_KINDS", "FusionCoefficient", "FusedLinear", "NonFiniteWeightError"]
 
@@ -69,11 +69,6 @@ class FusionCoefficient(nn.Module):
     def value(self) -> torch.Tensor:
         """C, broadcastable to [out, in]."""
         return coef_value(self.kind, (self.coef_B, self.coef_A) if self.kind == "lowrank" else (self.coef,))
-
-
-def master_dtype(dtype: torch.dtype) -> torch.dtype:
-    """The dtype trained tensors keep for weights of ``dtype``: fp32 for bf16/fp16, else the same."""
-    return torch.float32 if dtype in (torch.bfloat16, torch.float16) else dtype
 
 
 class FusedLinear(nn.Module):

@@ -13,7 +13,13 @@ from typing import Sequence
 
 import torch
 
-__all__ = ["fused_weight", "fused_bias", "fused_linear", "coef_value", "rdsc_merge", "average_merge", "fold_gain"]
+__all__ = ["fused_weight", "fused_bias", "fused_linear", "coef_value", "rdsc_merge", "average_merge", "fold_gain",
+           "master_dtype"]
+
+
+def master_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype trained tensors keep for weights of ``dtype``: fp32 for bf16/fp16, else the same."""
+    return torch.float32 if dtype in (torch.bfloat16, torch.float16) else dtype
 
 
 def fused_weight(
@@ -166,7 +172,7 @@ class _FusedLinearFn(torch.autograd.Function):
         gw = gb = None
         if any(need):
             # in fp32 when the weights are half precision: the trained factors are fp32 masters
-            mdt = torch.float32 if w.dtype in (torch.bfloat16, torch.float16) else w.dtype
+            mdt = master_dtype(w.dtype)
             gw = (g2.t() @ xc.reshape(-1, xc.shape[-1])).to(mdt)
             if b is not None:
                 gb = g2.sum(0).to(mdt)
