@@ -23,7 +23,9 @@ import torch
 import torch.nn.functional as F
 import torch.utils.checkpoint
 
-__all__ = ["LOSSES", "LossHead", "build_loss", "get_loss", "register_loss", "needs_head"]
+from ..device import autocast
+
+__all__ = ["LOSSES", "LossHead", "build_loss", "get_loss", "register_loss"]
 
 LossFn = Callable[..., torch.Tensor]
 LOSSES: dict[str, LossFn] = {}
@@ -44,10 +46,6 @@ def register_loss(name: str, *, head: bool = False) -> Callable[[LossFn], LossFn
     return deco
 
 
-def needs_head(name: str) -> bool:
-    return name in _NEEDS_HEAD
-
-
 @dataclass
 class LossHead:
     """The frozen end of the model for head losses: ``norm(h)`` = final norm, ``logits(h)`` = final norm + LM head.
@@ -61,8 +59,6 @@ class LossHead:
 
     @classmethod
     def for_runner(cls, runner) -> "LossHead":
-        from ..device import autocast
-
         return cls(runner.adapter.final_norm, runner.adapter.head,
                    lambda: autocast(runner.device, runner.compute_dtype))
 
@@ -115,10 +111,10 @@ def mse_norm(student: torch.Tensor, teacher: torch.Tensor, head: LossHead) -> to
     return F.mse_loss(head.norm(student).float(), t)
 
 
-def _kl_chunk(s: torch.Tensor, t: torch.Tensor, logits_fn, autocast) -> torch.Tensor:
-    with autocast():
+def _kl_chunk(s: torch.Tensor, t: torch.Tensor, logits_fn, compute) -> torch.Tensor:
+    with compute():
         ls = logits_fn(s)
-    with torch.no_grad(), autocast():
+    with torch.no_grad(), compute():
         lt = logits_fn(t)
     return F.kl_div(F.log_softmax(ls.float(), -1), F.log_softmax(lt.float(), -1), reduction="sum", log_target=True)
 
@@ -141,7 +137,7 @@ def logit_kl(student: torch.Tensor, teacher: torch.Tensor, head: LossHead) -> to
 
 # ---- lookup --------------------------------------------------------------------------------------------------
 def get_loss(name: str, head: LossHead | None = None) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
-    """The loss ``name`` as ``fn(student, teacher)`` (head losses bound to ``head``)."""
+    """The loss ``name`` as ``fn(student, teacher)`` (head losses bound to ``head``; the others ignore it)."""
     if name not in LOSSES:
         raise ValueError(f"unknown loss {name!r}; use one of {sorted(LOSSES)}")
     fn = LOSSES[name]

@@ -14,7 +14,7 @@ from ..activations import Runner
 from ..device import trim_heap
 from ..distributed import all_reduce_grads, gather_batch, split_batch, world_size
 from ..fusion.math import master_dtype
-from .losses import LossHead, build_loss, get_loss, needs_head
+from .losses import LossHead, build_loss, get_loss
 from .schedule import lr_factor
 
 __all__ = ["TrainSettings", "TrainResult", "ParamGroup", "train_group", "group_loss"]
@@ -47,9 +47,7 @@ class TrainSettings:
 
     def loss_fn(self, runner: Runner) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
         """The configured loss (+ auxiliary term) as one ``fn(student, teacher)`` for this runner's model."""
-        aux = self.aux_loss if self.aux_weight else None
-        head = LossHead.for_runner(runner) if needs_head(self.loss) or (aux and needs_head(aux)) else None
-        return build_loss(self.loss, aux=aux, aux_weight=self.aux_weight, head=head)
+        return build_loss(self.loss, aux=self.aux_loss, aux_weight=self.aux_weight, head=LossHead.for_runner(runner))
 
 
 @dataclass
@@ -68,7 +66,7 @@ class TrainResult:
 def group_loss(runner: Runner, blocks: Sequence[nn.Module], kinds: Sequence[str], inputs: torch.Tensor,
                targets: torch.Tensor, loss: str) -> float:
     """Mean loss of the group on [N, T, H] inputs vs. targets (no gradients), mini-batched."""
-    fn = get_loss(loss, LossHead.for_runner(runner) if needs_head(loss) else None)
+    fn = get_loss(loss, LossHead.for_runner(runner))
     total, n = 0.0, 0
     for s in range(0, inputs.shape[0], runner.batch_size):
         x = inputs[s : s + runner.batch_size].to(runner.device)
