@@ -180,6 +180,11 @@ def dense_target_count(config, num_blocks: int) -> int:
     return min(num_removals(config, num_blocks) + final, num_blocks) if fixed else num_blocks
 
 
+def _wants_dense(config) -> bool:
+    """Does the run need the dense model's hidden states (as group targets, or for the final stage)?"""
+    return config.target == "dense" or config.final_epochs > 0
+
+
 def ensure_dense_targets(job: Job, boundaries: list[int] | None, *, final: bool = False) -> None:
     """Fill ``job.state.targets`` {original boundary: [N, T, H]} with the dense model's hidden states.
 
@@ -325,7 +330,7 @@ def fuse_and_remove(job: Job, *, receivers: str, selection: Selection | None = N
     for step in range(job.next_step, job.num_removals):
         sec: dict[str, float] = {}
         p, scores = selection.choose(job, step, sec)
-        if job.config.target == "dense" or job.config.final_epochs > 0:
+        if job.state.targets is None and _wants_dense(job.config):  # once: before the first removal, or on resume
             plan = selection.plan(job) if receivers == "local" else None
             ensure_dense_targets(job, None if plan is None else plan_boundaries(plan, job.num_original,
                                                                                 job.config.group_size),
@@ -380,7 +385,7 @@ def fuse_joint(job: Job) -> list[StepReport]:
         first = scores if scores is not None else job.state.steps[0].scores
         plan = pick_blocks(first, k, min_gap=cfg.min_gap)
     spans = joint_spans(plan, L0, cfg.group_size)
-    if cfg.target == "dense" or cfg.final_epochs > 0:
+    if _wants_dense(cfg):
         ensure_dense_targets(job, [dense_boundary(list(range(L0)), span[-1], L0) for span, _ in spans],
                              final=cfg.final_epochs > 0)
     done = {s.removed for s in job.state.steps}
