@@ -27,6 +27,7 @@ from .device import (
     reset_peak_memory,
     resolve_device,
 )
+from .fusion.math import master_dtype
 from .memory import AUTO_CHECKPOINT_BYTES, MemoryEstimate, estimate_memory, trainable_params
 from .methods import Job, StepReport, get_method, method_info
 from .methods.fusegpt import dense_target_count
@@ -150,7 +151,7 @@ def compress(
         p.requires_grad_(False)
     compute = choose_compute_dtype(device, config.compute_dtype)
     stored = next(model.parameters()).dtype
-    if compute is None and stored in (torch.bfloat16, torch.float16):
+    if compute is None and master_dtype(stored) != stored:
         # half-precision weights compute in their dtype (autocast), so fp32 masters and half weights mix safely
         compute = stored
     peak = matmul_flops_per_second(device, compute or torch.float32)
