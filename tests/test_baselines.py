@@ -25,7 +25,7 @@ def _cfg(method, k, **kw):
                 batch_size=2, lora_rank=4, coef_rank=4, device="cpu", group_size=3, heal_from="drop-mi",
                 compute_dtype="fp32")
     base.update(kw)
-    return CompressConfig(**base)
+    return CompressConfig.from_dict(base)  # flat option keys (heal_from, laco_layers) go to their groups
 
 
 def _run(method, k, model=None, **kw):

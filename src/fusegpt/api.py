@@ -76,8 +76,6 @@ def preflight(model_name: str, config: CompressConfig) -> ModelInfo:
     info = inspect_model(model_name)
     check_supported(info.config)
     get_method(config.method)
-    if config.method == "heal-lora":
-        get_method(config.heal_from)
     if config.offload == "disk" and not method_info(config.method).streams:
         from .methods import method_names
 
@@ -226,7 +224,7 @@ def _memory_plan(adapter, config: CompressConfig, compute: torch.dtype | None) -
     block = adapter.blocks[0]
     lins = [(m.out_features, m.in_features, m.bias is not None) for m in adapter.block_linears(block).values()]
     norms = sum(p.numel() for n, p in block.named_parameters() if "norm" in n)
-    g = config.group_size if config.method != "fusegpt-global" else config.global_receivers
+    g = config.group_size if config.method != "fusegpt-global" else config.method_options("global").receivers
     stored = cache_dtype(config.cache_dtype, compute)
     text = adapter.config.get_text_config() if hasattr(adapter.config, "get_text_config") else adapter.config
     kw = dict(n=config.nsamples, s=config.score_samples, t=config.seqlen, hidden=text.hidden_size,

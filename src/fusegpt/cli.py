@@ -222,10 +222,10 @@ def _choices(name: str) -> list[str]:
     """Accepted values of a config flag, from the registries (methods, losses, coefficient kinds) and the config."""
     from . import config as c
 
-    if name == "--method" or name == "--heal-from":
+    if name == "--method":
         from .methods import method_names
 
-        return [m for m in method_names() if not (name == "--heal-from" and m == "heal-lora")]
+        return method_names()
     return {"--mode": list(c.MODES), "--train": list(c.TRAIN_MODES), "--loss": list(c.loss_names()),
             "--aux-loss": list(c.loss_names()), "--target": list(c.TARGETS), "--order": list(c.order_names()),
             "--coef": list(c.coef_kinds()), "--compute-dtype": list(c.COMPUTE),
@@ -234,7 +234,7 @@ def _choices(name: str) -> list[str]:
 
 
 _CHOICE_FLAGS = ("--method", "--mode", "--train", "--loss", "--aux-loss", "--target", "--order", "--coef",
-                 "--compute-dtype", "--dtype", "--heal-from", "--offload", "--cache-dtype", "--grad-checkpoint")
+                 "--compute-dtype", "--dtype", "--offload", "--cache-dtype", "--grad-checkpoint")
 _CONFIG_FLAGS = [
     # (flag, type, help) -> CompressConfig field of the same name (dashes -> underscores); the flags of
     # _CHOICE_FLAGS list their accepted values in --help and refuse others
@@ -283,11 +283,6 @@ _CONFIG_FLAGS = [
     ("--cache-dtype", str, "storage dtype of cached activations: auto (= compute dtype, default) or fp32"),
     ("--grad-checkpoint", str, "recompute block forwards in backward: auto (on when that saves more than 1 GiB), "
                                "on or off"),
-    ("--laco-layers", int, "laco: consecutive layers merged into one (C, default 4)"),
-    ("--laco-interval", int, "laco: layers skipped after an accepted merge (I, default 2)"),
-    ("--laco-threshold", float, "laco: accept a merge while the hidden-state cosine stays above T (default 0.65)"),
-    ("--heal-from", str, "heal-lora: the removal method to heal (default sleb)"),
-    ("--global-receivers", int, "fusegpt-global: blocks that receive the removed one (default 2)"),
 ]
 _COMPARE_SKIP = ("--method", "--sparsity", "--remove")
 
@@ -298,6 +293,7 @@ def _add_config_flags(p: argparse.ArgumentParser, skip: tuple[str, ...] = ()) ->
             choices = _choices(flag) if flag in _CHOICE_FLAGS else None
             meta = "{" + ",".join(choices) + "}" if choices else None
             p.add_argument(flag, type=typ, default=None, choices=choices, metavar=meta, help=help_text)
+    _add_option_flags(p)
     p.add_argument("--consolidate", dest="consolidate", action="store_true", default=None,
                    help="merge receiving layers after each step (cpu preset)")
     p.add_argument("--no-consolidate", dest="consolidate", action="store_false",
@@ -311,6 +307,29 @@ def _add_config_flags(p: argparse.ArgumentParser, skip: tuple[str, ...] = ()) ->
     p.add_argument("--config", type=Path, default=None, help="YAML/JSON file of config keys (flags override it)")
 
 
+def _add_option_flags(p: argparse.ArgumentParser, groups: tuple[str, ...] | None = None) -> None:
+    """The flags of the per-method options (fusegpt.options), generated from their dataclasses."""
+    from .options import option_specs
+
+    for s in option_specs():
+        if groups is not None and s.group not in groups:
+            continue
+        dest = "opt__" + s.flat_key
+        if s.type is bool:
+            p.add_argument(s.flag, dest=dest, action="store_true", default=None, help=s.help)
+            p.add_argument("--no-" + s.flag[2:], dest=dest, action="store_false", help=f"(the opposite of {s.flag})")
+            continue
+        choices = s.allowed()
+        meta = "{" + ",".join(choices) + "}" if choices else None
+        p.add_argument(s.flag, dest=dest, type=s.type, default=None, choices=choices, metavar=meta,
+                       help=f"{s.help} [default {s.default}]" if "default" not in s.help else s.help)
+
+
+def option_values(args: argparse.Namespace) -> dict:
+    """Flat config keys (``laco_layers``) of the per-method option flags given on the command line."""
+    return {k[len("opt__"):]: v for k, v in vars(args).items() if k.startswith("opt__") and v is not None}
+
+
 def config_from_args(args: argparse.Namespace):
     """preset <- config file <- explicit flags."""
     from .config import CompressConfig, load_config_file
@@ -321,6 +340,7 @@ def config_from_args(args: argparse.Namespace):
         key = flag[2:].replace("-", "_")
         if getattr(args, key, None) is not None:
             values[key] = getattr(args, key)
+    values.update(option_values(args))
     if getattr(args, "blocks", None) is not None:
         values["blocks"] = args.blocks
     if args.consolidate is not None:
@@ -335,7 +355,6 @@ def config_from_args(args: argparse.Namespace):
     from .methods import get_method
 
     get_method(cfg.method)  # unknown names fail here, before any loading
-    get_method(cfg.heal_from)
     return cfg
 
 

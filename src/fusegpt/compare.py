@@ -22,6 +22,7 @@ from typing import Any, Sequence
 
 from .api import calibration_windows, compress, preflight
 from .config import CompressConfig
+from .options import option_specs
 from .evaluate import evaluate_perplexity
 from .evaluate.perplexity import perplexity_windows
 from .export import OutputExistsError, check_writable, export_model
@@ -82,13 +83,17 @@ def compress_command(model: str, cfg: CompressConfig, out: str = "OUT") -> str:
     skip = {"method", "sparsity", "remove", "blocks", "preset", "device", "offload_device"}
     flags = [f"--method {cfg.method}", f"--sparsity {cfg.sparsity}", f"--preset {preset}"]
     for k, v in cfg.to_dict().items():
-        if k in skip or ref.get(k) == v:
+        if k in skip or ref.get(k) == v or k == "options":
             continue
         if isinstance(v, bool):
-            if k == "consolidate":
-                flags.append("--consolidate" if v else "--no-consolidate")
+            flags.append(f"--{k.replace('_', '-')}" if v else f"--no-{k.replace('_', '-')}")
             continue
         flags.append(f"--{k.replace('_', '-')} {_flag_value(v)}")
+    for spec in option_specs():  # per-method options that differ from their defaults
+        v = cfg.options.get(spec.group, {}).get(spec.name, spec.default)
+        if v != spec.default:
+            flags.append((spec.flag if v else f"--no-{spec.flag[2:]}") if isinstance(v, bool)
+                         else f"{spec.flag} {_flag_value(v)}")
     return f"fusegpt compress {model} " + " ".join(flags) + f" --out {out}"
 
 

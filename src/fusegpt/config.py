@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal
 
@@ -101,15 +101,9 @@ class CompressConfig:
     # divergence: a distillation loss past this factor x its first step's value (or non-finite) restores the
     # group and retries once at half the learning rates, else keeps plain removal for that step; 0 = only NaN/inf
     diverge_factor: float = 100.0
-    # baselines (see docs/METHOD.md): LaCo merges `laco_layers` consecutive layers into one, skips
-    # `laco_interval` layers after an accepted merge and accepts when the final hidden states keep mean cosine
-    # > `laco_threshold` with the original model's; heal-lora heals the model left by `heal_from`;
-    # fusegpt-global fuses into the `global_receivers` blocks most similar to the removed one
-    laco_layers: int = 4
-    laco_interval: int = 2
-    laco_threshold: float = 0.65
-    heal_from: str = "sleb"
-    global_receivers: int = 2
+    # options of single methods (LaCo, heal-lora, fusegpt-global, the searches), by group: only the values set;
+    # each method reads its group with ``method_options`` (defaults filled in). See fusegpt.options.
+    options: dict[str, dict[str, Any]] = field(default_factory=dict)
     # data
     calib: str = "wikitext2-valid"
     nsamples: int = 32
@@ -189,11 +183,9 @@ class CompressConfig:
         need(self.batch_size >= 1, f"--batch-size must be >= 1, got {self.batch_size}")
         need(self.diverge_factor == 0 or self.diverge_factor > 1,
              f"--diverge-factor must be 0 (off) or > 1, got {self.diverge_factor}")
-        need(self.laco_layers >= 2, f"--laco-layers must be >= 2, got {self.laco_layers}")
-        need(self.laco_interval >= 1, f"--laco-interval must be >= 1, got {self.laco_interval}")
-        need(-1 <= self.laco_threshold <= 1, f"--laco-threshold must be a cosine in [-1, 1], got {self.laco_threshold}")
-        need(self.global_receivers >= 1, f"--global-receivers must be >= 1, got {self.global_receivers}")
-        need(self.heal_from not in ("heal-lora",), "--heal-from must name a removal method, not heal-lora")
+        from .options import validate_options
+
+        validate_options(self.options)
         need(self.offload in OFFLOADS, f"--offload must be one of {OFFLOADS}, got {self.offload!r}")
         need(self.cache_entries == 0 or self.cache_entries >= 3,
              f"--cache-entries must be 0 (keep all) or >= 3 (checkpoints and the latest entry), "
@@ -225,17 +217,31 @@ class CompressConfig:
             )
         return self
 
+    def method_options(self, group: str):
+        """The options dataclass of ``group`` (``laco``, ``heal``, ``global``, ``search``): set values over defaults."""
+        from .options import resolve
+
+        return resolve(self.options, group)
+
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], *, base: "CompressConfig | None" = None) -> "CompressConfig":
+        from .options import split_flat
+
+        data, flat_options = split_flat(data)  # flat option keys (laco_layers) go to their group
         known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
+        unknown = sorted(set(k.replace("-", "_") for k in data) - known)
         if unknown:
-            raise ConfigError(f"unknown config keys {unknown}; known keys: {sorted(known)}")
+            raise ConfigError(f"unknown config keys {unknown}; known keys: {sorted(known)} and the method options "
+                              "(fusegpt compress --help)")
         merged = dataclasses.asdict(base or cls())
         merged.update({k.replace("-", "_"): v for k, v in data.items()})
+        options = {g: dict(v) for g, v in (merged.get("options") or {}).items()}
+        for g, v in flat_options.items():
+            options.setdefault(g, {}).update(v)
+        merged["options"] = options
         if isinstance(merged.get("betas"), list):
             merged["betas"] = tuple(merged["betas"])
         return cls(**merged)

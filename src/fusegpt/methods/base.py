@@ -184,6 +184,7 @@ class MethodInfo:
     summary: str
     resumable: bool = True  # continues after a crash from its last finished step (else --resume starts it again)
     streams: bool = False  # works with --offload disk (touches weights only through the runner's loaded blocks)
+    options: str | None = None  # the group of per-method options it reads (fusegpt.options), e.g. "laco"
 
 
 _METHODS: dict[str, Callable[[Job], list[StepReport]]] = {}
@@ -192,7 +193,9 @@ KINDS = ("drop", "merge", "fuse", "heal")
 
 
 def register_method(name: str, *, kind: str = "fuse", summary: str = "", resumable: bool = True,
-                    streams: bool = False) -> Callable:
+                    streams: bool = False, options: str | None = None) -> Callable:
+    """Register a method; ``options`` names the group of per-method options it reads (registered with
+    :func:`fusegpt.options.register_options`; the method reads them as ``job.config.method_options(group)``)."""
     if kind not in KINDS:
         raise ValueError(f"method kind must be one of {KINDS}, got {kind!r}")
 
@@ -201,7 +204,7 @@ def register_method(name: str, *, kind: str = "fuse", summary: str = "", resumab
             raise ValueError(f"method {name!r} registered twice")
         _METHODS[name] = fn
         _INFO[name] = MethodInfo(name, kind, summary or (fn.__doc__ or "").strip().split("\n")[0], resumable,
-                                 streams)
+                                 streams, options)
         return fn
 
     return deco

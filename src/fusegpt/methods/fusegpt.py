@@ -7,6 +7,7 @@ the k lowest-MI blocks in turn (each still fused and distilled).
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -14,6 +15,7 @@ from torch import nn
 from .. import faults
 from ..distill import ParamGroup, TrainSettings, group_loss, group_window, train_group
 from ..fusion import FusedLinear, fused_linears, inject_donor, merge_fused_linears
+from ..options import option, register_options
 from ..scoring import ORDERS, output_similarity
 from .base import Job, StepReport, register_method
 
@@ -218,13 +220,14 @@ def ensure_dense_targets(job: Job, boundaries: list[int] | None, *, final: bool 
 # ---- one step ----------------------------------------------------------------------------------------------------
 def receivers_for(job: Job, p: int, how: str) -> list[int]:
     """Current indices of the blocks that receive block p: ``local`` = the partial group (the paper's G window),
-    ``global`` = the ``global_receivers`` blocks whose outputs are most similar to p's (scoring samples)."""
+    ``global`` = the ``--global-receivers`` blocks whose outputs are most similar to p's (scoring samples)."""
     L = job.adapter.num_blocks
     if how == "local":
         return group_window(p, L, job.config.group_size)
     cache = job.cache("score", job.calib_ids[: job.config.score_samples])
     sims = output_similarity(cache, p, [i for i in range(L) if i != p])
-    return sorted(sorted(sims, key=sims.__getitem__, reverse=True)[: job.config.global_receivers])
+    n = job.config.method_options("global").receivers
+    return sorted(sorted(sims, key=sims.__getitem__, reverse=True)[:n])
 
 
 def _fuse_and_distill(job: Job, step: int, p: int, recv: list[int], span: list[int], x: torch.Tensor,
@@ -476,10 +479,20 @@ def run_fusegpt(job: Job) -> list[StepReport]:
     return fuse_and_remove(job, receivers="local")
 
 
-@register_method("fusegpt-global", kind="fuse",
+@dataclass
+class GlobalOptions:
+    """fusegpt-global: how many blocks receive the removed one."""
+
+    receivers: int = option(2, "fusegpt-global: blocks that receive the removed one (default 2)", minimum=1)
+
+
+register_options("global", GlobalOptions)
+
+
+@register_method("fusegpt-global", kind="fuse", options="global",
                  summary="FuseGPT fusing into the most similar blocks anywhere (global fusion)", streams=True)
 def run_fusegpt_global(job: Job) -> list[StepReport]:
-    """The paper's global-fusion contrast: the removed block is fused into the ``global_receivers`` blocks whose
+    """The paper's global-fusion contrast: the removed block is fused into the ``--global-receivers`` blocks whose
     outputs are most similar (mean token cosine, scoring samples) to its own output, anywhere in the network;
     distillation matches the original span from the first to the last of those blocks."""
     return fuse_and_remove(job, receivers="global")

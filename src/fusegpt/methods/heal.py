@@ -1,4 +1,4 @@
-"""``heal-lora``: a removal method (``heal_from``, default SLEB) followed by LoRA fine-tuning of the remaining
+"""``heal-lora``: a removal method (``--heal-from``, default SLEB) followed by LoRA fine-tuning of the remaining
 model on the same calibration budget (the "SLEB + LoRA" two-stage pipeline of the paper's cost tables).
 
 LoRA (rank ``lora_rank``, B = 0 so the model is unchanged at start) goes on every linear of every remaining
@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import logging
 import time
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
 from ..distill import ParamGroup, TrainSettings, train_group
 from ..fusion import FusedLinear, merge_fused_linears, wrap_block
+from ..options import option, register_options
 from ..scoring import lm_nll
 from .base import Job, StepReport, get_method, method_info, register_method
 
@@ -72,9 +74,27 @@ def lora_heal(job: Job, *, epochs: int | None = None, lr: float | None = None, t
             "restored": res.restored}
 
 
-@register_method("heal-lora", kind="heal", summary="a removal method followed by LoRA fine-tuning", resumable=False)
+def _removal_methods() -> list[str]:
+    from .base import method_names
+
+    return [m for m in method_names() if method_info(m).kind in ("drop", "merge")]
+
+
+@dataclass
+class HealOptions:
+    """heal-lora: which removal method leaves the model that LoRA fine-tuning heals."""
+
+    base: str = option("sleb", "heal-lora: the drop or merge method whose result is healed (default sleb)",
+                       choices=_removal_methods, key="from")
+
+
+register_options("heal", HealOptions)
+
+
+@register_method("heal-lora", kind="heal", summary="a removal method followed by LoRA fine-tuning", resumable=False,
+                 options="heal")
 def run_heal_lora(job: Job) -> list[StepReport]:
-    base = job.config.heal_from
+    base = job.config.method_options("heal").base
     if method_info(base).kind not in ("drop", "merge"):
         raise ValueError(f"--heal-from must be a drop or merge method, got {base!r} ({method_info(base).kind})")
     t = time.perf_counter()

@@ -18,11 +18,13 @@ from __future__ import annotations
 import copy
 import logging
 import time
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from ..fusion import average_merge, rdsc_merge
+from ..options import option, register_options
 from ..scoring import macro_influence
 from .base import Job, StepReport, register_method
 from .drop import remove_by_scores, scorer_of
@@ -65,23 +67,37 @@ def _load(block: nn.Module, values: dict[str, torch.Tensor]) -> None:
         params[n].copy_(v)
 
 
+@dataclass
+class LacoOptions:
+    """LaCo (Yang et al. 2024): C layers merged into one, I layers skipped after an accepted merge, threshold T."""
+
+    layers: int = option(4, "laco: consecutive layers merged into one (C, default 4)", minimum=2)
+    interval: int = option(2, "laco: layers skipped after an accepted merge (I, default 2)", minimum=1)
+    threshold: float = option(0.65, "laco: accept a merge while the hidden-state cosine stays above T (default 0.65)",
+                              minimum=-1.0, maximum=1.0)
+
+
+register_options("laco", LacoOptions)
+
+
 @register_method("laco", kind="merge", summary="LaCo layer collapse (RDSC merge, similarity threshold)",
-                 resumable=False)
+                 resumable=False, options="laco")
 @torch.no_grad()
 def run_laco(job: Job) -> list[StepReport]:
     cfg, ad, runner = job.config, job.adapter, job.runner
+    opt = cfg.method_options("laco")
     k = job.num_removals
     cache = job.cache("score", job.calib_ids[: cfg.score_samples])
     reference = cache.get(ad.num_blocks).clone()  # the original model's final hidden states
     orig = list(range(ad.num_blocks))
-    threshold = cfg.laco_threshold
+    threshold = opt.threshold
     steps: list[StepReport] = []
     removed = 0
-    l = ad.num_blocks - cfg.laco_layers
+    l = ad.num_blocks - opt.layers
     trials = 0
     t0 = time.perf_counter()
     while removed < k:
-        c = min(cfg.laco_layers, k - removed + 1)  # layers merged into one (removes c - 1)
+        c = min(opt.layers, k - removed + 1)  # layers merged into one (removes c - 1)
         L = ad.num_blocks
         l = min(l, L - c)
         if l < 0:
@@ -110,7 +126,7 @@ def run_laco(job: Job) -> list[StepReport]:
                 if job.on_step is not None:
                     job.on_step(rep)
             removed += len(gone)
-            l -= cfg.laco_interval
+            l -= opt.interval
         else:
             l -= 1
     if steps:
