@@ -7,7 +7,9 @@ and appended to a JSONL file at once (re-running skips finished variants, so an 
 A variant is NAME:key=value,key=value (CompressConfig keys; values parsed as JSON where possible, so
 blocks=[4,25,5] is a list).
 Special variants: "dense" (no compression) and "drop" (plain removal of --blocks, of blocks=[...], or, with
-like=NAME, of the blocks a finished row NAME removed).
+like=NAME, of the blocks a finished row NAME removed). Any other variant with like=NAME fuses the blocks the
+finished row NAME removed, in its order (e.g. the set a search found). Rows of search methods (evopress,
+fusegpt-evo) carry the search's summary (seed, best, fitness, seconds).
 """
 
 from __future__ import annotations
@@ -82,6 +84,10 @@ def main() -> None:
             drop_blocks(model, blocks)
             row.update(removed=blocks, layers=model.config.num_hidden_layers, seconds=0.0)
         else:
+            if "like" in values:
+                values = {**{k: v for k, v in values.items() if k != "like"},
+                          "blocks": finished[values["like"]]["removed"]}
+                row["values"] = values
             cfg = CompressConfig.from_preset(args.preset, **{**base, **values})
             rep = compress(model, cfg, tokenizer=tok, source_model=args.model)
             merge_fused_linears(model)
@@ -91,6 +97,8 @@ def main() -> None:
                               for s in rep.steps],
                        flops_fraction_of_peak=rep.flops_fraction_of_peak, compute_dtype=rep.compute_dtype,
                        train_steps=sum(s.train_steps for s in rep.steps))
+            if rep.steps and "search" in rep.steps[0].extra:
+                row["search"] = rep.steps[0].extra["search"]
         res = evaluate_perplexity(model, tok, max_windows=args.max_windows)
         row.update(ppl=res.ppl, eval_seconds=res.seconds, params=sum(p.numel() for p in model.parameters()))
         if args.second:

@@ -16,7 +16,7 @@ import torch
 from .activations import Runner, cache_dtype
 from .adapters import check_supported, get_adapter
 from .config import CompressConfig, ConfigError, num_removals
-from .data import check_window_count, load_text, sample_windows, tokenize_text
+from .data import check_window_count, heldout_starts, load_text, sample_starts, tokenize_text
 from .device import (
     auto_dtype_override,
     choose_compute_dtype,
@@ -86,6 +86,11 @@ def preflight(model_name: str, config: CompressConfig) -> ModelInfo:
     _check_data_parallel(config)
     ids = tokenize_text(info.tokenizer, load_text(config.calib))
     check_window_count(ids.numel(), config.nsamples, config.seqlen, f"calibration source {config.calib!r}")
+    heldout = method_info(config.method).heldout
+    if heldout is not None:  # the held-out windows must fit next to the calibration windows
+        g = torch.Generator().manual_seed(config.seed)
+        heldout_starts(ids.numel(), heldout(config), config.seqlen, g,
+                       sample_starts(ids.numel(), config.nsamples, config.seqlen, g))
     return info
 
 
@@ -97,43 +102,32 @@ def _check_data_parallel(config: CompressConfig) -> None:
         check_divisible(config.batch_size, config.nsamples)
 
 
-def calibration_windows(tokenizer, cfg: CompressConfig) -> torch.Tensor:
-    """[nsamples, seqlen] seeded random windows of the calibration source."""
+def calibration_windows(tokenizer, cfg: CompressConfig, heldout: int = 0) -> torch.Tensor:
+    """[nsamples, seqlen] seeded random windows of the calibration source; with ``heldout`` > 0, that many more
+    rows after them, windows that share no token with the first ``nsamples`` (a search's fitness windows). The
+    first ``nsamples`` rows are the same whatever ``heldout`` is."""
     ids = tokenize_text(tokenizer, load_text(cfg.calib))
-    return sample_windows(ids, cfg.nsamples, cfg.seqlen, torch.Generator().manual_seed(cfg.seed))
+    g = torch.Generator().manual_seed(cfg.seed)
+    starts = sample_starts(ids.numel(), cfg.nsamples, cfg.seqlen, g)
+    if heldout > 0:
+        starts += heldout_starts(ids.numel(), heldout, cfg.seqlen, g, starts)
+    return torch.stack([ids[s : s + cfg.seqlen] for s in starts])
 
 
-def compress(
-    model,
-    config: CompressConfig,
-    *,
-    tokenizer=None,
-    calib_ids: torch.Tensor | None = None,
-    on_step: Callable[[StepReport], None] | None = None,
-    source_model: str | None = None,
-    checkpoint_dir: str | Path | None = None,
-    resume: bool = False,
-    source_fingerprint: str | None = None,
-    store=None,
-) -> CompressReport:
-    """Compress ``model`` in place with ``config.method``; returns the report.
-
-    Calibration windows come from ``calib_ids`` ([N, T]) or are sampled from ``config.calib`` with ``tokenizer``.
-    Fused layers stay wrapped in the returned model until export (``fusegpt.export.export_model`` merges them).
-
-    ``checkpoint_dir``: persist the run after every finished step (resumable methods); with ``resume``, continue
-    the run recorded there (refused, naming the difference, when config, compute dtype, ``source_fingerprint``
-    or calibration windows differ). ``store``: the :class:`fusegpt.offload.BlockStore` of a model loaded with its
-    blocks on disk (``load_model(..., blocks_on_disk=True)``); blocks are then loaded only while used.
-    """
+def _prepare_job(model, config: CompressConfig, *, tokenizer=None, calib_ids: torch.Tensor | None = None,
+                 on_step: Callable[[StepReport], None] | None = None, store=None) -> tuple[Job, dict[str, Any]]:
+    """What compress and search share: the model on its device and frozen, the compute dtype, the runner, the memory
+    plan and the Job (with held-out windows when the method asks for them). Returns (job, setup facts)."""
     adapter = get_adapter(model)
     L0 = adapter.num_blocks
     config.validate(L0)
     _check_data_parallel(config)
+    info = method_info(config.method)
+    heldout = info.heldout(config) if info.heldout is not None else 0
     if calib_ids is None:
         if tokenizer is None:
-            raise ValueError("compress needs a tokenizer or calib_ids")
-        calib_ids = calibration_windows(tokenizer, config)
+            raise ValueError("compress and search need a tokenizer or calib_ids")
+        calib_ids = calibration_windows(tokenizer, config, heldout=heldout)
     if calib_ids.shape[0] < config.nsamples or calib_ids.shape[1] != config.seqlen:
         raise ValueError(f"calib_ids must be [>= {config.nsamples}, {config.seqlen}], got {tuple(calib_ids.shape)}")
     device = resolve_device(config.device)
@@ -164,13 +158,46 @@ def compress(
     baseline = current_rss_bytes()
     job = Job(adapter=adapter, runner=runner, config=config, calib_ids=calib_ids[: config.nsamples],
               generator=torch.Generator().manual_seed(config.seed), num_removals=k, on_step=on_step,
-              memory_plan=plan)
+              memory_plan=plan,
+              heldout_ids=calib_ids[config.nsamples : config.nsamples + heldout] if heldout else None)
+    return job, {"device": device, "compute": compute, "peak": peak, "num_blocks": L0,
+                 "params_before": params_before, "baseline": baseline}
+
+
+def compress(
+    model,
+    config: CompressConfig,
+    *,
+    tokenizer=None,
+    calib_ids: torch.Tensor | None = None,
+    on_step: Callable[[StepReport], None] | None = None,
+    source_model: str | None = None,
+    checkpoint_dir: str | Path | None = None,
+    resume: bool = False,
+    source_fingerprint: str | None = None,
+    store=None,
+) -> CompressReport:
+    """Compress ``model`` in place with ``config.method``; returns the report.
+
+    Calibration windows come from ``calib_ids`` ([N, T]) or are sampled from ``config.calib`` with ``tokenizer``.
+    Fused layers stay wrapped in the returned model until export (``fusegpt.export.export_model`` merges them).
+
+    ``checkpoint_dir``: persist the run after every finished step (resumable methods); with ``resume``, continue
+    the run recorded there (refused, naming the difference, when config, compute dtype, ``source_fingerprint``
+    or calibration windows differ). ``store``: the :class:`fusegpt.offload.BlockStore` of a model loaded with its
+    blocks on disk (``load_model(..., blocks_on_disk=True)``); blocks are then loaded only while used.
+    """
+    job, setup = _prepare_job(model, config, tokenizer=tokenizer, calib_ids=calib_ids, on_step=on_step, store=store)
+    adapter, plan = job.adapter, job.memory_plan
+    device, compute, peak = setup["device"], setup["compute"], setup["peak"]
+    L0, params_before, baseline = setup["num_blocks"], setup["params_before"], setup["baseline"]
+    calib_ids = job.calib_ids
     resumed = 0
     if checkpoint_dir is not None and method_info(config.method).resumable:
         from .methods.checkpoint import Checkpoint
 
         job.checkpoint = Checkpoint(checkpoint_dir)
-        settings = run_settings(config, job.calib_ids, L0, compute, source_fingerprint)
+        settings = run_settings(config, calib_ids, L0, compute, source_fingerprint)
         job.checkpoint.start(settings, resume=resume)
         if resume:
             resumed = job.checkpoint.restore(job)
@@ -281,3 +308,28 @@ def _merged_param_count(model) -> int:
             if p is not None:
                 seen[id(p)] = p.numel()
     return sum(seen.values())
+
+
+def search(model, config: CompressConfig, *, fitness: str | None = None, tokenizer=None,
+           calib_ids: torch.Tensor | None = None, records=None):
+    """Search which ``num_removals(config)`` blocks to remove (fusegpt.methods.search): an MI-seeded evolution whose
+    fitness is the next-token KL from the dense model on held-out windows, after plain removal (``fitness`` drop) or
+    a cheap fusion (fuse; default: the ``search`` options' fitness). The model is left unchanged. ``records``: a
+    :class:`fusegpt.runs.RecordLog` that persists every evaluation (and replays them when it already holds some).
+    Returns a :class:`~fusegpt.methods.search.SearchResult` (``.order`` feeds ``compress --blocks``)."""
+    import dataclasses
+
+    from .methods.search import FITNESS, search_blocks
+
+    kind = fitness or config.method_options("search").fitness
+    if kind not in FITNESS:
+        raise ConfigError(f"--fitness must be one of {FITNESS}, got {kind!r}")
+    config = dataclasses.replace(config, method="evopress" if kind == "drop" else "fusegpt-evo", blocks=None)
+    job, setup = _prepare_job(model, config, tokenizer=tokenizer, calib_ids=calib_ids)
+    try:
+        res = search_blocks(job, kind, records=records)
+    finally:
+        job.close()
+    res.compute_dtype = str(setup["compute"] or torch.float32)
+    res.flops = dict(job.flops)
+    return res

@@ -320,7 +320,7 @@ def _add_option_flags(p: argparse.ArgumentParser, groups: tuple[str, ...] | None
             p.add_argument("--no-" + s.flag[2:], dest=dest, action="store_false", help=f"(the opposite of {s.flag})")
             continue
         choices = s.allowed()
-        meta = "{" + ",".join(choices) + "}" if choices else None
+        meta = "{" + ",".join(choices) + "}" if choices else s.key.upper().replace("-", "_")
         p.add_argument(s.flag, dest=dest, type=s.type, default=None, choices=choices, metavar=meta,
                        help=f"{s.help} [default {s.default}]" if "default" not in s.help else s.help)
 
@@ -404,6 +404,22 @@ def cmd_plan(args: argparse.Namespace) -> int:
     print(format_plan(rep))
     if args.json:
         write_json(args.json, rep.to_dict())
+    return 0
+
+
+def cmd_search(args: argparse.Namespace) -> int:
+    from .pipeline import run_search
+
+    cfg = config_from_args(args)
+    command = "fusegpt " + " ".join(sys.argv[1:])
+    data = run_search(args.model, cfg, args.out, fitness=args.opt__search_fitness, overwrite=args.overwrite,
+                      resume=args.resume, command=command)
+    r = data["result"]
+    print(f"{data['fitness']} fitness, {r.k} of {r.num_blocks} blocks, {r.windows} {'held-out' if r.heldout else ''} "
+          f"windows: MI greedy {r.seed} KL {r.seed_fitness:.5f} -> best {r.best} KL {r.best_fitness:.5f} "
+          f"({r.distinct} sets evaluated, {r.seconds:.0f} s)")
+    print(f"fuse the best set: {data['compress_best']} (with the same config flags)")
+    print(f"wrote {args.out}/search.json, search.png")
     return 0
 
 
@@ -566,6 +582,24 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_flags(p)
     _add_common(p)
     p.set_defaults(func=cmd_compress)
+
+    p = sub.add_parser("search", help="search which blocks to remove: MI-seeded evolution, fitness = KL from the dense "
+                                      "model after plain removal (drop) or a cheap fusion (fuse)")
+    p.add_argument("model", help=f"alias, .gguf file, HF folder or hub id (e.g. {DEFAULT_MODEL})")
+    p.add_argument("--out", type=Path, required=True, help="output folder: search.json, search.png, the records")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out folder")
+    p.add_argument("--resume", action="store_true", help="continue the interrupted search in --out")
+    _add_config_flags(p, skip=("--method",))
+    from .methods.search import FITNESS
+
+    p.add_argument("--fitness", dest="opt__search_fitness", choices=list(FITNESS), default=None,
+                   help="drop (plain removal, EvoPress-style) or fuse (after a cheap fusion, FuseGPT-Evo; default)")
+    p.add_argument("--generations", dest="opt__search_generations", type=int, default=None, metavar="G",
+                   help="= --search-generations")
+    p.add_argument("--offspring", dest="opt__search_offspring", type=int, default=None, metavar="K",
+                   help="= --search-offspring")
+    _add_common(p)
+    p.set_defaults(func=cmd_search)
 
     p = sub.add_parser("plan", help="predict a compress run's time and memory before running it (no weights loaded)")
     p.add_argument("model", help=f"alias, .gguf file, HF folder or hub id (e.g. {DEFAULT_MODEL})")

@@ -212,7 +212,10 @@ def _run_rows(model_name: str, dev, base: CompressConfig, settings: dict, todo: 
     loaded = load_model(model_name, device=dev, dtype=weight_dtype(base.dtype))
     original, tok = loaded.model, loaded.tokenizer
     L = original.config.num_hidden_layers
-    calib = calibration_windows(tok, base)
+    # + held-out windows after the calibration rows for the methods that search on unseen text (one draw for all)
+    heldout = max([method_info(m).heldout(base) for m, _ in todo if method_info(m).heldout is not None] or [0])
+    calib_all = calibration_windows(tok, base, heldout=heldout)
+    calib = calib_all[: base.nsamples]
     windows = perplexity_windows(tok, "wikitext2", eval_kwargs["seqlen"], eval_kwargs["max_windows"])
 
     def evaluate(model) -> tuple[float, float, dict[str, float], float | None]:
@@ -273,7 +276,7 @@ def _run_rows(model_name: str, dev, base: CompressConfig, settings: dict, todo: 
         cfg.validate(L)
         work = copy.deepcopy(original)
         log.info("compare: %s at sparsity %s", m, s)
-        rep = compress(work, cfg, calib_ids=calib, source_model=model_name)
+        rep = compress(work, cfg, calib_ids=calib_all, source_model=model_name)
         kind = method_info(m).kind
         if (m, s) in have:  # only quantized companions were missing
             quantized(m, s, work, next(r for r in done if (r.method, r.sparsity) == (m, s)))

@@ -26,6 +26,8 @@ import torch
 
 __all__ = [
     "register_source",
+    "sample_starts",
+    "heldout_starts",
     "source_names",
     "load_text",
     "tokenize_text",
@@ -156,6 +158,14 @@ def check_window_count(num_tokens: int, n: int, seqlen: int, source: str = "the 
         )
 
 
+def sample_starts(num_tokens: int, n: int, seqlen: int, generator: torch.Generator) -> list[int]:
+    """Start offsets of N random windows of ``seqlen`` tokens in a stream of ``num_tokens`` (may overlap)."""
+    if n < 1 or seqlen < 2:
+        raise ValueError(f"need n >= 1 and seqlen >= 2 (got n={n}, seqlen={seqlen})")
+    check_window_count(num_tokens, n, seqlen)
+    return torch.randint(0, num_tokens - seqlen, (n,), generator=generator).tolist()
+
+
 def sample_windows(ids: torch.Tensor, n: int, seqlen: int, generator: torch.Generator) -> torch.Tensor:
     """N random windows of ``seqlen`` tokens from a 1-D id stream -> [n, seqlen]. Same seed -> same windows.
 
@@ -163,11 +173,31 @@ def sample_windows(ids: torch.Tensor, n: int, seqlen: int, generator: torch.Gene
     (:func:`check_window_count`)."""
     if ids.dim() != 1:
         raise ValueError("ids must be 1-D")
-    if n < 1 or seqlen < 2:
-        raise ValueError(f"need n >= 1 and seqlen >= 2 (got n={n}, seqlen={seqlen})")
-    check_window_count(ids.numel(), n, seqlen)
-    starts = torch.randint(0, ids.numel() - seqlen, (n,), generator=generator)
-    return torch.stack([ids[s : s + seqlen] for s in starts.tolist()])
+    return torch.stack([ids[s : s + seqlen] for s in sample_starts(ids.numel(), n, seqlen, generator)])
+
+
+def heldout_starts(num_tokens: int, n: int, seqlen: int, generator: torch.Generator,
+                   taken: list[int]) -> list[int]:
+    """Start offsets of N windows of ``seqlen`` tokens that share no token with each other nor with the windows
+    starting at ``taken``: held-out text for a search's fitness (it never scores on what distillation trains on).
+    Refused (DataSourceError) when the stream has no room for them."""
+    free = torch.ones(num_tokens, dtype=torch.bool)
+    for s in taken:
+        free[s : s + seqlen] = False
+    out: list[int] = []
+    limit = num_tokens - seqlen
+    for _ in range(100 * n):
+        if len(out) == n or limit <= 0:
+            break
+        s = int(torch.randint(0, limit, (1,), generator=generator))
+        if bool(free[s : s + seqlen].all()):
+            out.append(s)
+            free[s : s + seqlen] = False
+    if len(out) < n:
+        raise DataSourceError(f"the calibration text has room for only {len(out)} held-out windows of {seqlen} tokens "
+                              f"next to the {len(taken)} calibration windows (asked for {n}); lower the number of "
+                              "fitness windows (--search-fitness-samples) or --nsamples, or use a longer --calib")
+    return out
 
 
 def split_windows(ids: torch.Tensor, seqlen: int, max_windows: int | None = None) -> torch.Tensor:

@@ -12,11 +12,11 @@ from .config import CompressConfig
 from .evaluate import evaluate_perplexity
 from .export import OutputExistsError, check_output_dir, check_writable, export_model
 from .plots import plot_losses, plot_scores
-from .report import write_json
+from .report import versions, write_json
 
 log = logging.getLogger(__name__)
 
-__all__ = ["run_compression", "write_report", "score_rows"]
+__all__ = ["run_compression", "run_search", "write_report", "score_rows"]
 
 
 def score_rows(steps) -> list[tuple[int, dict[int, float], list[tuple[int, int]]]]:
@@ -131,3 +131,54 @@ def run_compression(
                      store=store)
     barrier()
     return report
+
+
+def run_search(model_name: str, config: CompressConfig, out: str | Path, *, fitness: str | None = None,
+               overwrite: bool = False, resume: bool = False, command: str | None = None) -> dict[str, Any]:
+    """``fusegpt search``: the block-set search (fusegpt.methods.search) of ``model_name`` into ``out``:
+    ``search.json`` (every evaluated set, its fitness and time; the best set and the command that fuses it) and
+    ``search.png``. Every evaluation is appended to ``out/search-records.jsonl`` as it finishes; ``resume`` replays
+    them (same settings, refused otherwise) and continues where the interrupted search stopped."""
+    import dataclasses
+
+    from .api import search
+    from .methods.search import FITNESS
+    from .models import load_model, source_fingerprint, weight_dtype
+    from .plots import plot_search
+    from .runs import RecordLog, atomic_write_json, check_settings
+
+    out = Path(out)
+    kind = fitness or config.method_options("search").fitness
+    if kind not in FITNESS:
+        raise ValueError(f"--fitness must be one of {FITNESS}, got {kind!r}")
+    config = dataclasses.replace(config, method="evopress" if kind == "drop" else "fusegpt-evo", blocks=None)
+    settings_path, records = out / "search-settings.json", RecordLog(out / "search-records.jsonl")
+    if resume:
+        if (out / "search.json").is_file():
+            raise OutputExistsError(f"the search in {str(out)!r} has finished already (search.json is there)")
+        if not settings_path.is_file():
+            raise OutputExistsError(f"--resume: {str(out)!r} holds no unfinished search (search-settings.json); "
+                                    "run without --resume to start one")
+    else:
+        check_output_dir(out, overwrite)
+    preflight(model_name, config)
+    settings = {"model": source_fingerprint(model_name), "fitness": kind,
+                "config": {k: v for k, v in config.to_dict().items() if k not in ("device", "offload_device")}}
+    if resume:
+        check_settings(settings_path, settings, what=f"search in {str(out)!r}")
+    else:
+        out.mkdir(parents=True, exist_ok=True)
+        for name in ("search-records.jsonl", "search.json", "search.png"):
+            (out / name).unlink(missing_ok=True)
+        atomic_write_json(settings_path, settings)
+    loaded = load_model(model_name, dtype=weight_dtype(config.dtype))
+    res = search(loaded.model, config, fitness=kind, tokenizer=loaded.tokenizer, records=records)
+    blocks_cmd = (f"fusegpt compress {model_name} --blocks {','.join(map(str, res.order))}"
+                  f"{'' if config.preset in (None, 'cpu') else ' --preset ' + config.preset} --out OUT")
+    data = {"model": model_name, "command": command, "fitness": kind, "config": config.to_dict(),
+            "options": dataclasses.asdict(config.method_options("search")), "result": res,
+            "compress_best": blocks_cmd, "versions": versions()}
+    atomic_write_json(out / "search.json", data)
+    plot_search(res.generations, res.evaluations, res.seed_fitness, out / "search.png",
+                title=f"{model_name}: {res.k} of {res.num_blocks} blocks, {kind} fitness")
+    return data

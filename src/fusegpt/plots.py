@@ -7,7 +7,7 @@ import os
 from pathlib import Path
 from typing import Sequence
 
-__all__ = ["plot_scores", "plot_losses", "plot_bench", "plot_pareto", "plot_compare"]
+__all__ = ["plot_scores", "plot_losses", "plot_bench", "plot_pareto", "plot_compare", "plot_search"]
 
 
 def _plt():
@@ -159,6 +159,31 @@ def plot_compare(rows: Sequence[dict], path: str | os.PathLike, *, dense_ppl: fl
     ax.set_title(title)
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
+    fig.tight_layout()
+    out = _save(fig, path)
+    plt.close(fig)
+    return out
+
+
+def plot_search(generations: Sequence[dict], evaluations: Sequence[dict], seed_fitness: float,
+                path: str | os.PathLike, *, title: str = "") -> Path:
+    """Best fitness per generation (line), every candidate measured on all windows (dots), the MI-greedy seed as a
+    dashed reference line."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6.4, 4.0))
+    full = max((e["windows"] for e in evaluations), default=0)
+    pts = [(e["generation"], e["fitness"]) for e in evaluations if e["windows"] == full]
+    if pts:
+        ax.scatter([p[0] for p in pts], [p[1] for p in pts], s=12, color="tab:gray", alpha=0.6,
+                   label=f"candidates ({full} windows)")
+    ax.plot([g["generation"] for g in generations], [g["best_fitness"] for g in generations], "-o", color="tab:blue",
+            lw=2, ms=4, label="best so far")
+    ax.axhline(seed_fitness, color="tab:red", ls="--", lw=1, label=f"MI greedy ({seed_fitness:.4g})")
+    ax.set_xlabel("generation")
+    ax.set_ylabel("KL(dense || candidate), held-out windows")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
     fig.tight_layout()
     out = _save(fig, path)
     plt.close(fig)

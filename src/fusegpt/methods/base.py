@@ -71,12 +71,16 @@ class Job:
     generator: torch.Generator
     num_removals: int
     on_step: Callable[[StepReport], None] | None = None
-    flops: dict[str, float] = field(default_factory=lambda: {"scoring": 0.0, "teacher": 0.0, "train": 0.0, "eval": 0.0})
+    flops: dict[str, float] = field(default_factory=lambda: {"scoring": 0.0, "teacher": 0.0, "train": 0.0, "eval": 0.0,
+                                                             "search": 0.0})
     state: RunState | None = None
     checkpoint: Any = None  # a methods.checkpoint.Checkpoint when the run is resumable
     work_dir: Path | None = None  # where activations live with offload = disk
     memory_plan: Any = None  # fusegpt.memory.MemoryEstimate of the run (its bound)
     memory_predicted: dict | None = None  # the largest per-step prediction (with the entries really resident)
+    # windows that share no token with calib_ids, for methods that measure candidates on unseen text (searches)
+    heldout_ids: torch.Tensor | None = None
+    quiet: bool = False  # no progress bars (the cheap fusions inside a search)
 
     def __post_init__(self) -> None:
         if self.state is None:
@@ -185,6 +189,8 @@ class MethodInfo:
     resumable: bool = True  # continues after a crash from its last finished step (else --resume starts it again)
     streams: bool = False  # works with --offload disk (touches weights only through the runner's loaded blocks)
     options: str | None = None  # the group of per-method options it reads (fusegpt.options), e.g. "laco"
+    # held-out calibration windows it needs besides --nsamples (a search's fitness), from the config; None = none
+    heldout: Callable[[CompressConfig], int] | None = None
 
 
 _METHODS: dict[str, Callable[[Job], list[StepReport]]] = {}
@@ -193,7 +199,8 @@ KINDS = ("drop", "merge", "fuse", "heal")
 
 
 def register_method(name: str, *, kind: str = "fuse", summary: str = "", resumable: bool = True,
-                    streams: bool = False, options: str | None = None) -> Callable:
+                    streams: bool = False, options: str | None = None,
+                    heldout: Callable[[CompressConfig], int] | None = None) -> Callable:
     """Register a method; ``options`` names the group of per-method options it reads (registered with
     :func:`fusegpt.options.register_options`; the method reads them as ``job.config.method_options(group)``)."""
     if kind not in KINDS:
@@ -204,7 +211,7 @@ def register_method(name: str, *, kind: str = "fuse", summary: str = "", resumab
             raise ValueError(f"method {name!r} registered twice")
         _METHODS[name] = fn
         _INFO[name] = MethodInfo(name, kind, summary or (fn.__doc__ or "").strip().split("\n")[0], resumable,
-                                 streams, options)
+                                 streams, options, heldout)
         return fn
 
     return deco

@@ -86,6 +86,7 @@ class Checkpoint:
             f.unlink()
         self.log.path.unlink(missing_ok=True)
         (self.folder / "targets.safetensors").unlink(missing_ok=True)
+        (self.folder / "search.jsonl").unlink(missing_ok=True)  # a search method's evaluations
         atomic_write_json(self.settings_path, settings)
 
     # ---- writing ----------------------------------------------------------------------------------------------

@@ -273,13 +273,14 @@ def _distill(job: Job, step: int, student: list[nn.Module], skinds: list[str], r
     groups = param_groups(receiving, cfg.train, cfg.coef_lr, cfg.lr)
     reasons: list[str] = []
     with job.measure("train", sec, flops_factor=6.0):  # forward + backward (~2x forward)
+        desc = None if job.quiet else desc  # no progress bars (a search's many cheap fusions)
         res = train_group(runner, student, skinds, x, y, groups, settings, generator=job.generator, desc=desc)
         if res.diverged:
             reasons.append(res.reason or "diverged")
             log.warning("%s %s: group restored; retrying at half the learning rates", tag, res.reason)
             half = [ParamGroup(g.name, g.params, g.lr / 2) for g in groups]
             res = train_group(runner, student, skinds, x, y, half, settings, generator=job.generator,
-                              desc=desc + " (retry, lr / 2)")
+                              desc=None if desc is None else desc + " (retry, lr / 2)")
             if res.diverged:
                 reasons.append(res.reason or "diverged")
                 log.warning("%s %s again: the step keeps plain removal", tag, res.reason)
