@@ -13,11 +13,11 @@ import time
 from dataclasses import asdict, dataclass
 
 import torch
-import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from ..data import load_text, split_windows, tokenize_text
 from ..distributed import all_reduce_sum, rank, world_size
+from ..nll import next_token_nll
 
 __all__ = ["PerplexityResult", "perplexity_windows", "evaluate_perplexity"]
 
@@ -52,12 +52,9 @@ def nll_sum(model, windows: torch.Tensor, *, batch_size: int = 4, desc: str | No
     bar = tqdm(total=windows.shape[0], desc=desc, unit="win", disable=desc is None, leave=False)
     for s in range(0, windows.shape[0], batch_size):
         ids = windows[s : s + batch_size].to(device)
-        logits = model(input_ids=ids, use_cache=False).logits.float()
-        loss = F.cross_entropy(
-            logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="sum"
-        )
-        total += float(loss)
-        count += ids[:, 1:].numel()
+        t, c = next_token_nll(model(input_ids=ids, use_cache=False).logits, ids)
+        total += t
+        count += c
         bar.update(ids.shape[0])
     bar.close()
     total, count = all_reduce_sum([total, count])
@@ -84,10 +81,9 @@ def nll_sum_by_blocks(model, windows: torch.Tensor, store, *, batch_size: int = 
     total, count = 0.0, 0
     for s in range(0, windows.shape[0], batch_size):
         ids = windows[s : s + batch_size].to(device)
-        logits = adapter.head(hidden[s : s + batch_size].to(device)).float()
-        total += float(F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1),
-                                       reduction="sum"))
-        count += ids[:, 1:].numel()
+        t, c = next_token_nll(adapter.head(hidden[s : s + batch_size].to(device)), ids)
+        total += t
+        count += c
     total, count = all_reduce_sum([total, count])
     return total, int(count)
 

@@ -14,10 +14,10 @@ import time
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from ..distill import ParamGroup, TrainSettings, train_group
 from ..fusion import FusedLinear, merge_fused_linears, wrap_block
+from ..nll import next_token_loss
 from ..options import option, register_options
 from ..scoring import lm_nll
 from .base import Job, StepReport, get_method, method_info, register_method
@@ -54,7 +54,7 @@ def lora_heal(job: Job, *, epochs: int | None = None, lr: float | None = None, t
 
     def lm_loss(out: torch.Tensor, target_ids: torch.Tensor) -> torch.Tensor:
         logits = ad.head(out)
-        return F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]), target_ids[:, 1:].reshape(-1))
+        return next_token_loss(logits, target_ids)
 
     settings = TrainSettings(loss="logit-kl", epochs=epochs, batch_size=cfg.batch_size, betas=tuple(cfg.betas),
                              weight_decay=cfg.weight_decay, shuffle=cfg.shuffle, warmup=cfg.warmup,

@@ -7,6 +7,8 @@ import math
 import torch
 import torch.nn.functional as F
 
+from ..nll import next_token_nll
+
 __all__ = ["macro_influence", "block_influence", "angular_distance", "next_token_nll", "taylor_importance", "magnitude"]
 
 
@@ -28,13 +30,6 @@ def angular_distance(h_a: torch.Tensor, h_b: torch.Tensor) -> float:
     """Gromov et al.: arccos(cos(h_a, h_b)) / pi on the last token, averaged over sequences; [N, T, H] each."""
     cos = F.cosine_similarity(h_a[:, -1].float(), h_b[:, -1].float(), dim=-1).clamp(-1, 1)
     return float(torch.arccos(cos).mean() / math.pi)
-
-
-def next_token_nll(logits: torch.Tensor, ids: torch.Tensor) -> tuple[float, int]:
-    """Sum of next-token NLL (fp32) of [B, T, V] logits against [B, T] ids, and the number of predictions."""
-    loss = F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1),
-                           reduction="sum")
-    return float(loss), ids[:, 1:].numel()
 
 
 def taylor_importance(pairs) -> float:
