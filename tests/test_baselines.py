@@ -68,7 +68,7 @@ def _argsort(xs):
 
 
 def test_registry_lists_every_baseline():
-    want = {"fusegpt", "fusegpt-global", "drop-mi", "shortgpt", "angular", "sleb", "taylor", "ppl-oneshot",
+    want = {"fusegpt", "fusegpt-global", "drop-mi", "shortgpt", "angular", "sleb", "taylor", "fisher", "ppl-oneshot",
             "magnitude", "random", "laco", "merge-average", "heal-lora"}
     assert want <= set(method_names())
     assert method_info("sleb").kind == "drop" and method_info("laco").kind == "merge"
@@ -134,6 +134,26 @@ def test_taylor_matches_autograd_on_the_full_model():
     want = [sum((lin.weight * lin.weight.grad).abs().sum().item() for lin in ad.block_linears(b).values())
             for b in ad.blocks]
     _, rep = _run("taylor", 2, model)
+    assert rep.steps[0].scores == pytest.approx(dict(enumerate(want)), rel=1e-3)
+    assert rep.removed == _argsort(want)[:2]
+
+
+def test_fisher_is_the_mean_squared_per_sequence_gradient():
+    model = tiny_model("llama", num_layers=L)
+    ref = copy.deepcopy(model)
+    ad = get_adapter(ref)
+    weights = [[lin.weight for lin in ad.block_linears(b).values()] for b in ad.blocks]
+    want = [0.0] * L
+    for n in range(IDS.shape[0]):  # brute force: one full forward + autograd.grad per sequence
+        x = IDS[n : n + 1]
+        logits = ref(input_ids=x, use_cache=False).logits
+        loss = F.cross_entropy(logits[0, :-1], x[0, 1:])
+        grads = torch.autograd.grad(loss, [w for ws in weights for w in ws])
+        k = 0
+        for b, ws in enumerate(weights):
+            want[b] += sum(g.pow(2).sum().item() for g in grads[k : k + len(ws)]) / IDS.shape[0]
+            k += len(ws)
+    _, rep = _run("fisher", 2, model)
     assert rep.steps[0].scores == pytest.approx(dict(enumerate(want)), rel=1e-3)
     assert rep.removed == _argsort(want)[:2]
 

@@ -159,6 +159,9 @@ class CompressConfig:
         need(self.aux_weight == 0 or self.aux_loss is not None, "--aux-weight needs --aux-loss NAME")
         orders = order_names()
         need(self.order in orders, f"--order must be one of {orders}, got {self.order!r}")
+        need(not (self.order == "fisher" and self.offload == "disk"),
+             "--order fisher needs every block's weights at once (a full backward pass); use --offload cpu or "
+             "another --order")
         need(self.min_gap >= 1, f"--min-gap must be >= 1 (1 = neighbours allowed), got {self.min_gap}")
         need(self.target in TARGETS, f"--target must be one of {TARGETS}, got {self.target!r}")
         need(self.final_epochs >= 0, f"--final-epochs must be >= 0 (0 = no final stage), got {self.final_epochs}")

@@ -8,6 +8,7 @@
 - ``sleb``: SLEB, iterative: remove the block whose removal gives the lowest calibration NLL, re-score.
 - ``ppl-oneshot``: Shortened LLaMA's PPL criterion: the same NLL-without-block score, computed once.
 - ``taylor``: Shortened LLaMA's first-order Taylor criterion, sum |dL/dW * W| per block, one-shot.
+- ``fisher``: empirical Fisher information, sum over a block's weights of the mean squared per-sequence gradient.
 - ``magnitude``: sum |W| per block, one-shot; ``random``: a seeded random choice.
 
 All scorers run on the first ``score_samples`` calibration sequences through the activation cache.
@@ -105,6 +106,8 @@ _SCORED = [
      True),
     ("ppl-oneshot", scorer_of("nll"), False, "PPL", "Shortened LLaMA PPL criterion, one-shot", True),
     ("taylor", _taylor, False, "Taylor", "Shortened LLaMA first-order Taylor criterion, one-shot", False),
+    ("fisher", scorer_of("fisher"), False, "Fisher", "empirical Fisher information (squared gradients), one-shot",
+     False),
     ("magnitude", _magnitude, False, "magnitude", "sum |W| per block, one-shot", False),
 ]
 for _name, _scorer, _iterative, _label, _summary, _streams in _SCORED:

@@ -12,11 +12,12 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from ..activations import ActivationCache, Runner
+from ..nll import next_token_loss
 from .metrics import angular_distance, block_influence, magnitude, next_token_nll, taylor_importance
 
 __all__ = [
     "block_influence_scores", "angular_window_distances", "lm_nll", "skip_nll_scores", "taylor_scores",
-    "magnitude_scores", "output_similarity",
+    "magnitude_scores", "output_similarity", "fisher_scores",
 ]
 
 
@@ -69,41 +70,68 @@ def skip_nll_scores(cache: ActivationCache, ids: torch.Tensor, *, desc: str | No
     return out
 
 
-def taylor_scores(runner: Runner, ids: torch.Tensor) -> list[float]:
-    """Shortened LLaMA's Taylor criterion: per block, sum |dL/dW * W| over its linear weights, with dL/dW the
-    gradient of the mean next-token NLL over the calibration sequences ``ids`` [N, T]."""
+def _block_gradients(runner: Runner, ids: torch.Tensor, batch: int, on_batch) -> list[list[torch.Tensor]]:
+    """Gradients of the next-token NLL w.r.t. every block's linear weights, one mini-batch of ``batch`` sequences
+    at a time: ``on_batch(acc, grads)`` folds each mini-batch's gradients (fp32, one list per block) into ``acc``
+    (zeros like the weights), which is returned. The loss of a mini-batch is its summed token NLL over all
+    ``ids[:, 1:]`` tokens (so with ``batch`` = all, the gradient of the mean NLL)."""
     ad = runner.adapter
     blocks, kinds = list(ad.blocks), ad.block_kinds()
     weights = [[lin.weight for lin in ad.block_linears(b).values()] for b in blocks]
     flat = [w for ws in weights for w in ws]
     was = [w.requires_grad for w in flat]
-    grads = [torch.zeros_like(w, dtype=torch.float32) for w in flat]
+    acc = [torch.zeros_like(w, dtype=torch.float32) for w in flat]
     tokens = ids[:, 1:].numel()
     try:
         for w in flat:
             w.requires_grad_(True)
             w.grad = None
-        for s in range(0, ids.shape[0], runner.batch_size):
-            x = ids[s : s + runner.batch_size].to(runner.device)
+        for s in range(0, ids.shape[0], batch):
+            x = ids[s : s + batch].to(runner.device)
             with torch.no_grad():
                 h = ad.embed(x)
             logits = ad.head(runner.forward_blocks(blocks, kinds, h))
-            loss = F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1),
-                                   reduction="sum") / tokens
+            loss = next_token_loss(logits, x, "sum") / tokens
             loss.backward()
-            for g, w in zip(grads, flat):
-                if w.grad is not None:
-                    g += w.grad.float()
-                    w.grad = None
+            on_batch(acc, [torch.zeros_like(a) if w.grad is None else w.grad.float() for a, w in zip(acc, flat)])
+            for w in flat:
+                w.grad = None
     finally:
         for w, r in zip(flat, was):
             w.grad = None
             w.requires_grad_(r)
     out, k = [], 0
     for ws in weights:
-        out.append(taylor_importance((w.detach(), grads[k + j]) for j, w in enumerate(ws)))
+        out.append(acc[k : k + len(ws)])
         k += len(ws)
     return out
+
+
+def taylor_scores(runner: Runner, ids: torch.Tensor) -> list[float]:
+    """Shortened LLaMA's Taylor criterion: per block, sum |dL/dW * W| over its linear weights, with dL/dW the
+    gradient of the mean next-token NLL over the calibration sequences ``ids`` [N, T]."""
+
+    def add(acc, grads):
+        for a, g in zip(acc, grads):
+            a += g
+
+    grads = _block_gradients(runner, ids, runner.batch_size, add)
+    ad = runner.adapter
+    return [taylor_importance(zip([lin.weight.detach() for lin in ad.block_linears(b).values()], gs))
+            for b, gs in zip(ad.blocks, grads)]
+
+
+def fisher_scores(runner: Runner, ids: torch.Tensor) -> list[float]:
+    """Empirical Fisher information of every block (the paper's metric ablation): per block, the sum over its linear
+    weights of the mean over sequences of the squared gradient of that sequence's next-token NLL,
+    sum_w (1/N) sum_n (dL_n/dw)^2 (one backward pass per sequence)."""
+    n = ids.shape[0]
+
+    def add_squares(acc, grads):  # the loss of one sequence was divided by all N sequences' tokens: undo it
+        for a, g in zip(acc, grads):
+            a += (g * n).pow(2) / n
+
+    return [float(sum(g.sum() for g in gs)) for gs in _block_gradients(runner, ids, 1, add_squares)]
 
 
 def magnitude_scores(adapter) -> list[float]:
