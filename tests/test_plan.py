@@ -54,6 +54,29 @@ def test_plan_counts_the_loop_step_by_step(gemma_folder):
     assert one.params == sum(p.numel() for p in ref.parameters())
 
 
+def test_plan_counts_the_search_of_search_methods(gemma_folder):
+    from fusegpt.plan import plan_run
+
+    kw = dict(search_generations=2, search_offspring=4, search_fitness_samples=8, search_stages=2,
+              search_fuse_samples=4, search_fuse_epochs=1)
+    base = plan_run(str(gemma_folder), CompressConfig.from_dict(_cfg().to_dict() | kw), device="cpu", repeats=1)
+    drop = plan_run(str(gemma_folder), CompressConfig.from_dict(_cfg(method="evopress").to_dict() | kw),
+                    device="cpu", repeats=1)
+    fuse = plan_run(str(gemma_folder), CompressConfig.from_dict(_cfg(method="fusegpt-evo").to_dict() | kw),
+                    device="cpu", repeats=1)
+    assert "search" not in base.phases and drop.phases["search"] > 0 and fuse.phases["search"] > 0
+    u = drop.timings["block_forward"] / 4  # per window
+    seed_scoring = (6 + 6 * 5 / 2) * drop.timings["block_forward"]
+    # drop: the seed (8 windows) + 2 generations x (4 children x 4 windows + 1 survivor x 4 more windows)
+    windows = 8 + 2 * (4 * 4 + 1 * 4)
+    want = seed_scoring + 8 * 6 * u + windows * (6 - 2) / 2 * u
+    assert drop.phases["search"] == pytest.approx(want, rel=1e-6)
+    assert any("9 candidates" in n for n in fuse.notes)  # 1 + 2 x 4, each fused on a copy
+    assert fuse.memory["search_model_copy"] == 4 * fuse.params and "search_model_copy" not in drop.memory
+    assert fuse.peak_bytes == fuse.baseline_bytes + fuse.memory["total"]
+    assert fuse.seconds_total == pytest.approx(sum(fuse.phases.values()))
+
+
 def test_plan_cli_and_compress_report_carry_the_prediction(tiny_folder, tmp_path, capsys):
     args = ["--remove", "1", "--group-size", "2", "--nsamples", "4", "--score-samples", "2", "--seqlen", "32",
             "--epochs", "1", "--batch-size", "2"]

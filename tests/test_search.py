@@ -185,3 +185,14 @@ def test_search_cli_writes_json_and_plot_and_refuses_to_overwrite(tiny_folder, t
     assert again["computed"] == 0 and again["best"] == r["best"]
     (out / "search.json").unlink()
     assert main([*argv, "--resume", "--generations", "3"]) == 2 and "different" in capsys.readouterr().err
+
+
+def test_search_cli_refuses_what_does_not_fit(tiny_folder, tmp_path, capsys):
+    from fusegpt.cli import main
+
+    out = tmp_path / "s"
+    assert main(["search", str(tiny_folder), "--remove", "1", "--search-fitness-samples", "100000", "--seqlen", "16",
+                 "--group-size", "3", "--out", str(out)]) == 2
+    assert "room for only" in capsys.readouterr().err and not out.exists()
+    assert main(["search", str(tiny_folder), "--remove", "1", "--search-offspring", "0", "--out", str(out)]) == 2
+    assert "--search-offspring must be >= 1" in capsys.readouterr().err and not out.exists()

@@ -142,6 +142,7 @@ def run_search(model_name: str, config: CompressConfig, out: str | Path, *, fitn
     import dataclasses
 
     from .api import search
+    from .distributed import barrier, is_main
     from .methods.search import FITNESS
     from .models import load_model, source_fingerprint, weight_dtype
     from .plots import plot_search
@@ -159,18 +160,19 @@ def run_search(model_name: str, config: CompressConfig, out: str | Path, *, fitn
         if not settings_path.is_file():
             raise OutputExistsError(f"--resume: {str(out)!r} holds no unfinished search (search-settings.json); "
                                     "run without --resume to start one")
-    else:
+    elif is_main():
         check_output_dir(out, overwrite)
     preflight(model_name, config)
     settings = {"model": source_fingerprint(model_name), "fitness": kind,
                 "config": {k: v for k, v in config.to_dict().items() if k not in ("device", "offload_device")}}
     if resume:
         check_settings(settings_path, settings, what=f"search in {str(out)!r}")
-    else:
+    elif is_main():  # under torch.distributed rank 0 alone writes --out
         out.mkdir(parents=True, exist_ok=True)
         for name in ("search-records.jsonl", "search.json", "search.png"):
             (out / name).unlink(missing_ok=True)
         atomic_write_json(settings_path, settings)
+    barrier()  # the other ranks read the records only once rank 0 has cleared or kept them
     loaded = load_model(model_name, dtype=weight_dtype(config.dtype))
     res = search(loaded.model, config, fitness=kind, tokenizer=loaded.tokenizer, records=records)
     blocks_cmd = (f"fusegpt compress {model_name} --blocks {','.join(map(str, res.order))}"
@@ -178,7 +180,9 @@ def run_search(model_name: str, config: CompressConfig, out: str | Path, *, fitn
     data = {"model": model_name, "command": command, "fitness": kind, "config": config.to_dict(),
             "options": dataclasses.asdict(config.method_options("search")), "result": res,
             "compress_best": blocks_cmd, "versions": versions()}
-    atomic_write_json(out / "search.json", data)
-    plot_search(res.generations, res.evaluations, res.seed_fitness, out / "search.png",
-                title=f"{model_name}: {res.k} of {res.num_blocks} blocks, {kind} fitness")
+    if is_main():
+        atomic_write_json(out / "search.json", data)
+        plot_search(res.generations, res.evaluations, res.seed_fitness, out / "search.png",
+                    title=f"{model_name}: {res.k} of {res.num_blocks} blocks, {kind} fitness")
+    barrier()
     return data

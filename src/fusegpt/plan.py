@@ -183,12 +183,21 @@ def plan_run(model_name: str, config, *, device: str | None = None, repeats: int
         phases["train"] += config.epochs * n_b * G * units["train_step"]
         per_step.append(sum(phases.values()) - sum(before.values()))
     model_bytes = 0 if config.offload == "disk" else 4 * params
-    baseline = current_rss_bytes() + model_bytes
     notes = [f"{config.method}: counted as FuseGPT's loop (scoring, group input, teacher, group losses, training)"]
+    search = _search_seconds(config, units, L0, k, s_b, params)
+    memory = mem.to_dict()
+    if search is not None:
+        phases["search"], copy_bytes, note = search
+        per_step[0] += phases["search"]
+        if copy_bytes:  # fitness = fuse: each candidate is fused on a copy of the model
+            memory["search_model_copy"] = copy_bytes
+            memory["total"] += copy_bytes
+        notes.append(note)
+    baseline = current_rss_bytes() + model_bytes
     if nproc > 1:
         notes.append(f"{nproc} processes: the time is per process (all run at once); the memory is per process; "
                      f"gradient all-reduce time is not counted")
-    if config.method not in ("fusegpt", "fusegpt-global"):
+    if config.method not in ("fusegpt", "fusegpt-global", "fusegpt-evo"):
         notes.append("other methods are not counted step by step: the time is FuseGPT's with the same config")
     cache_disk = config.nsamples * config.seqlen * (info.config.get_text_config().hidden_size if hasattr(
         info.config, "get_text_config") else info.config.hidden_size) * (
@@ -196,10 +205,48 @@ def plan_run(model_name: str, config, *, device: str | None = None, repeats: int
     return PlanReport(
         model=model_name, device=str(dev), compute_dtype=str(compute or torch.float32), blocks=L0, removals=k,
         params=params, timings=units, phases=phases, seconds_per_step=per_step, seconds_total=sum(per_step),
-        baseline_bytes=baseline, memory=mem.to_dict(), peak_bytes=baseline + mem.total,
+        baseline_bytes=baseline, memory=memory, peak_bytes=baseline + memory["total"],
         cache_disk_bytes=cache_disk * (R or L0) if config.offload == "disk" else 0,
         grad_checkpoint=mem.grad_checkpoint, notes=notes,
     )
+
+
+def _search_seconds(config, units: dict[str, float], L: int, k: int, s_b: int, params: int):
+    """(seconds, extra bytes, note) of the block-set search of evopress / fusegpt-evo before the removals (counted in
+    the first step), or None for other methods. Seed scoring + candidates, in the same units (the LM head of the
+    fitness is not counted)."""
+    from .methods import method_info
+    from .methods.search import stage_schedule
+
+    if method_info(config.method).options != "search":
+        return None
+    o = config.method_options("search")
+    kind = "drop" if config.method == "evopress" else o.fitness
+    B, F = config.batch_size, o.fitness_samples
+    sec = (L + L * (L - 1) / 2) * s_b * units["block_forward"]  # the seed's scoring
+    per_window = (L - k) / 2 * units["block_forward"] / B  # a candidate runs from its first removed block (~ middle)
+    sec += F * L * units["block_forward"] / B  # the dense activations of the held-out windows
+    if kind == "drop":
+        windows, prev, n = F, 0, o.offspring
+        for w, keep in stage_schedule(o.offspring, F, o.stages):
+            windows += o.generations * n * (w - prev)
+            prev, n = w, keep
+        sec += windows * per_window
+        note = (f"search (drop fitness): {o.generations} generations x {o.offspring} offspring, at most "
+                f"{windows} window evaluations (fewer when candidates repeat)")
+        return sec, 0, note
+    fb = math.ceil(min(o.fuse_samples, config.nsamples) / B)
+    sb = math.ceil(min(config.score_samples, o.fuse_samples) / B)
+    G = config.group_size
+    losses = 2 if config.loss == "mse" else 4
+    fuse = k * (o.fuse_epochs * fb * G * units["train_step"] + (G + 1) * fb * units["block_forward"]
+                + losses * G * sb * units["fused_forward"] + (L - G) / 2 * fb * units["block_forward"])
+    candidates = 1 + o.generations * o.offspring
+    sec += candidates * (fuse + F * per_window)
+    note = (f"search (fuse fitness): at most {candidates} candidates, each fused on a copy of the model "
+            f"({k} removals x {o.fuse_epochs * fb} steps) then measured on {F} held-out windows; the copy's weights "
+            "are counted in the memory")
+    return sec, 4 * params, note
 
 
 def format_plan(rep: PlanReport) -> str:

@@ -38,6 +38,7 @@ from tqdm.auto import tqdm
 from ..activations import Runner
 from ..adapters import get_adapter
 from ..distill.losses import LossHead, logit_kl
+from ..distributed import is_main
 from ..options import option, register_options
 from ..runs import RecordLog
 from ..scoring import ORDERS
@@ -140,7 +141,7 @@ class Fitness:
             sec = time.perf_counter() - t
             self.seconds[blocks] = self.seconds.get(blocks, 0.0) + sec
             self.computed += 1
-            if self.records is not None:
+            if self.records is not None and is_main():  # under torch.distributed every rank reads, rank 0 writes
                 self.records.append({"blocks": list(blocks), "values": have, "seconds": sec})
         return sum(have[:n]) / n
 
@@ -306,7 +307,7 @@ def search_blocks(job: Job, kind: str, *, records: RecordLog | None = None) -> S
                        generations=gens, evaluations=evals, seconds=time.perf_counter() - t0,
                        fitness_seconds=sum(fit.seconds.values()), distinct=len(fit.values),
                        computed=fit.computed)
-    if records is not None:
+    if records is not None and is_main():
         records.append({"result": res.summary() | {"order": order}})
     return res
 
