@@ -172,10 +172,14 @@ def plot_search(generations: Sequence[dict], evaluations: Sequence[dict], seed_f
     plt = _plt()
     fig, ax = plt.subplots(figsize=(6.4, 4.0))
     full = max((e["windows"] for e in evaluations), default=0)
-    pts = [(e["generation"], e["fitness"]) for e in evaluations if e["windows"] == full]
-    if pts:
-        ax.scatter([p[0] for p in pts], [p[1] for p in pts], s=12, color="tab:gray", alpha=0.6,
-                   label=f"candidates ({full} windows)")
+    for part, color, size in ((False, "tab:gray", 10), (True, "k", 14)):  # early stages, then all windows
+        pts = [(e["generation"], e["fitness"]) for e in evaluations if (e["windows"] == full) == part]
+        if pts:
+            label = f"candidates, all {full} windows" if part else "candidates, first stages (fewer windows)"
+            ax.scatter([p[0] for p in pts], [p[1] for p in pts], s=size, color=color, alpha=0.5, label=label)
+    from matplotlib.ticker import MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.plot([g["generation"] for g in generations], [g["best_fitness"] for g in generations], "-o", color="tab:blue",
             lw=2, ms=4, label="best so far")
     ax.axhline(seed_fitness, color="tab:red", ls="--", lw=1, label=f"MI greedy ({seed_fitness:.4g})")
