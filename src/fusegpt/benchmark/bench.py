@@ -63,51 +63,6 @@ class BenchReport:
     comparisons: list[dict[str, Any]] = field(default_factory=list)
 
 
-_MEM_SCRIPT = """
-import gc, json, sys, torch
-torch.set_num_threads(int(sys.argv[5]))
-device = torch.device(sys.argv[6])
-
-def rss():
-    with open("/proc/self/status") as f:
-        d = dict(l.split(":", 1) for l in f if ":" in l)
-    return int(d["VmRSS"].split()[0]) * 1024, int(d["VmHWM"].split()[0]) * 1024
-
-def reset_hwm():
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-from fusegpt.models import load_model
-gc.collect()
-base, _ = rss()
-m = load_model(sys.argv[1], device=device).model
-gc.collect()
-loaded, load_peak = rss()
-reset = reset_hwm()
-if device.type == "cuda":
-    torch.cuda.synchronize(); torch.cuda.reset_peak_memory_stats(device)
-g = torch.Generator().manual_seed(0)
-V = m.config.vocab_size
-with torch.no_grad():
-    m(torch.randint(0, V, (1, int(sys.argv[2])), generator=g).to(device), use_cache=True)
-    ids = torch.randint(0, V, (int(sys.argv[4]), 16), generator=g).to(device)
-    m.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=int(sys.argv[3]),
-               min_new_tokens=int(sys.argv[3]), do_sample=False, pad_token_id=0)
-_, peak = rss()
-out = {"baseline_rss_bytes": base, "model_rss_bytes": loaded - base, "load_peak_rss_bytes": load_peak,
-       "peak_rss_bytes": peak if reset else None, "peak_rss_over_baseline_bytes": (peak - base) if reset else None,
-       "hwm_reset": reset}
-if device.type == "cuda":
-    torch.cuda.synchronize()
-    out["peak_device_bytes"] = torch.cuda.max_memory_allocated(device)
-print(json.dumps(out))
-"""
-
-
 def memory_probe(name: str, cfg: BenchConfig, device: str = "cpu") -> dict[str, Any] | None:
     """Memory of a fresh process that loads ``name`` and runs one prefill and one batched decode.
 
@@ -116,7 +71,7 @@ def memory_probe(name: str, cfg: BenchConfig, device: str = "cpu") -> dict[str, 
     RSS after imports (baseline), the model's resident size, the inference peak (model + activations + KV cache,
     whole process) and that peak over the baseline; on CUDA also the device's peak allocated bytes.
     """
-    args = [sys.executable, "-c", _MEM_SCRIPT, name, str(cfg.prefill_tokens), str(cfg.decode_tokens),
+    args = [sys.executable, "-m", "fusegpt.benchmark.memprobe", name, str(cfg.prefill_tokens), str(cfg.decode_tokens),
             str(max(cfg.decode_batches)), str(torch.get_num_threads()), device]
     proc = subprocess.run(args, capture_output=True, text=True, timeout=3600)
     if proc.returncode != 0:
