@@ -133,3 +133,19 @@ def test_compare_with_zero_shot_tasks(tiny_folder, tmp_path, monkeypatch):
         assert set(r["tasks"]) == {"arc_easy", "boolq"}
         assert r["task_average"] == pytest.approx(sum(r["tasks"].values()) / 2)
     assert "zero-shot avg" in (out / "compare.md").read_text()
+
+
+def test_compare_rows_of_the_searches(tiny_folder, tmp_path):
+    """evopress and fusegpt-evo rows: held-out windows drawn once for both, the search's summary in the row, and a
+    reproduce command that carries the search options."""
+    out = tmp_path / "search"
+    opts = ["--search-generations", "1", "--search-offspring", "2", "--search-fitness-samples", "2",
+            "--search-fuse-samples", "2"]
+    assert main(["compare", str(tiny_folder), "--sparsity", "0.2", "--methods", "evopress,fusegpt-evo", "--out",
+                 str(out), *SMALL, *EVAL, *opts]) == 0
+    rows = {r["method"]: r for r in json.loads((out / "compare.json").read_text())["rows"]}
+    for m, fitness in (("evopress", "drop"), ("fusegpt-evo", "fuse")):
+        s = rows[m]["extra"]["search"]
+        assert s["fitness"] == fitness and len(s["best"]) == 2 and s["best_fitness"] <= s["seed_fitness"]
+        assert "--search-generations 1" in rows[m]["command"] and f"--method {m}" in rows[m]["command"]
+    assert sorted(rows["evopress"]["removed"]) == rows["evopress"]["extra"]["search"]["best"]
