@@ -54,6 +54,12 @@ def test_mutation_swaps_removed_for_kept_blocks():
     assert [mutate(parent, 10, a, 2) for _ in range(10)] == [mutate(parent, 10, b, 2) for _ in range(10)]
 
 
+def test_stages_default_to_two_for_drop_and_one_for_fuse():
+    from fusegpt.methods.search import stages_for
+
+    assert stages_for("drop", 0) == 2 and stages_for("fuse", 0) == 1 and stages_for("fuse", 3) == 3
+
+
 def test_stage_schedule_grows_windows_and_narrows_candidates():
     assert stage_schedule(8, 16, 2) == [(8, 2), (16, 1)]
     assert stage_schedule(16, 16, 3) == [(4, 4), (8, 1), (16, 1)]

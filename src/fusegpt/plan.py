@@ -216,7 +216,7 @@ def _search_seconds(config, units: dict[str, float], L: int, k: int, s_b: int, p
     the first step), or None for other methods. Seed scoring + candidates, in the same units (the LM head of the
     fitness is not counted)."""
     from .methods import method_info
-    from .methods.search import stage_schedule
+    from .methods.search import stage_schedule, stages_for
 
     if method_info(config.method).options != "search":
         return None
@@ -228,7 +228,7 @@ def _search_seconds(config, units: dict[str, float], L: int, k: int, s_b: int, p
     sec += F * L * units["block_forward"] / B  # the dense activations of the held-out windows
     if kind == "drop":
         windows, prev, n = F, 0, o.offspring
-        for w, keep in stage_schedule(o.offspring, F, o.stages):
+        for w, keep in stage_schedule(o.offspring, F, stages_for(kind, o.stages)):
             windows += o.generations * n * (w - prev)
             prev, n = w, keep
         sec += windows * per_window

@@ -11,8 +11,8 @@ optimises what fusion recovers rather than what plain removal keeps.
   dense model's cached activations of the held-out windows, and each stage computes only the windows it adds.
 - ``fitness = fuse``: a copy of the model fuses the candidate (fixed order: ascending seed score, the one-shot
   order) with a small budget (``fuse_samples`` windows x ``fuse_epochs``), then runs from the first block the fusion
-  changed. The fusion dominates the cost, so every held-out window is measured at once and the stages rank on
-  subsets of those values.
+  changed. The fusion dominates the cost, so every held-out window is measured at once; ranking on fewer windows
+  in early stages would only throw information away, so the stages default to one (``--search-stages 0`` = auto).
 
 Fitness values are cached by block set; with a record log every evaluation is persisted as it finishes, so a
 resumed search replays the same trajectory (same seed, same draws) without computing them again.
@@ -48,7 +48,8 @@ from .fusegpt import FixedPlan, fuse_and_remove, pick_blocks
 
 log = logging.getLogger(__name__)
 
-__all__ = ["SearchOptions", "SearchResult", "Fitness", "mutate", "stage_schedule", "search_blocks", "FITNESS"]
+__all__ = ["SearchOptions", "SearchResult", "Fitness", "mutate", "stage_schedule", "stages_for", "search_blocks",
+           "FITNESS"]
 
 FITNESS = ("drop", "fuse")
 
@@ -64,8 +65,9 @@ class SearchOptions:
                           choices=list(FITNESS))
     fitness_samples: int = option(16, "search: held-out calibration windows the fitness KL is measured on "
                                       "(default 16; they share no token with the --nsamples windows)", minimum=1)
-    stages: int = option(2, "search: selection stages; windows double up to all of them at the last stage, the "
-                            "best quarter of the offspring passes each stage (default 2)", minimum=1)
+    stages: int = option(0, "search: selection stages; windows double up to all of them at the last stage, the "
+                            "best quarter of the offspring passes each stage; 0 = auto (default): 2 with drop "
+                            "fitness, 1 with fuse fitness (its fusion measures every window at once)", minimum=0)
     max_swaps: int = option(2, "search: a mutation swaps 1..N removed blocks with kept ones (default 2)", minimum=1)
     fuse_samples: int = option(8, "search: calibration windows of the cheap fusion of fitness=fuse (default 8)",
                                minimum=1)
@@ -86,6 +88,12 @@ def mutate(parent: tuple[int, ...], num_blocks: int, rng: random.Random, max_swa
         out.discard(r)
         out.add(k)
     return tuple(sorted(out))
+
+
+def stages_for(kind: str, stages: int) -> int:
+    """The selection stages of a search: the option, or with 0 (auto) 2 for drop fitness (windows are computed
+    stage by stage) and 1 for fuse fitness (every window is computed with the fusion)."""
+    return stages if stages > 0 else (2 if kind == "drop" else 1)
 
 
 def stage_schedule(offspring: int, windows: int, stages: int) -> list[tuple[int, int]]:
@@ -255,7 +263,7 @@ def search_blocks(job: Job, kind: str, *, records: RecordLog | None = None) -> S
     seed = tuple(sorted(pick_blocks(scores, k, min_gap=cfg.min_gap)))
     fit = Fitness(job, ids, kind, o, scores, records)
     rng = random.Random(cfg.seed)
-    schedule = stage_schedule(o.offspring, fit.windows, o.stages)
+    schedule = stage_schedule(o.offspring, fit.windows, stages_for(kind, o.stages))
     evals: list[dict[str, Any]] = []
 
     def measure(blocks: tuple[int, ...], n: int, gen: int, stage: int) -> float:
