@@ -294,9 +294,9 @@ def _run_rows(model_name: str, dev, base: CompressConfig, settings: dict, todo: 
             if "heal" in st.seconds:
                 extra["heal_seconds"] = st.seconds["heal"]
             if "search" in st.extra:  # evopress / fusegpt-evo: what the search found and cost
-                s = st.extra["search"]
-                extra["search"] = {k: s[k] for k in ("fitness", "seed", "seed_fitness", "best", "best_fitness",
-                                                     "seconds", "distinct")}
+                found = st.extra["search"]
+                extra["search"] = {k: found[k] for k in ("fitness", "seed", "seed_fitness", "best", "best_fitness",
+                                                         "seconds", "distinct")}
             if "threshold" in st.extra:
                 extra.setdefault("laco_thresholds", []).append(st.extra["threshold"])
         if "laco_thresholds" in extra:
