@@ -85,7 +85,11 @@ def test_help_lists_accepted_values(capsys):
 
     losses = "{" + ",".join(LOSSES) + "}"
     assert {"kl-batch", "kl-hidden", "mse", "cosine", "nmse", "mse-norm", "logit-kl"} <= set(LOSSES)
-    for choice in (losses, "{iterative,oneshot,joint}", "{coef,coef+lora,full}", "{mi,bi,nll}", "{current,dense}",
+    from fusegpt.scoring import ORDERS
+
+    orders = "{" + ",".join(ORDERS) + "}"
+    assert {"mi", "bi", "nll", "fisher"} <= set(ORDERS)
+    for choice in (losses, "{iterative,oneshot,joint}", "{coef,coef+lora,full}", orders, "{current,dense}",
                    "{scalar,vector,matrix,lowrank}", "{auto,fp32,bf16,fp16}", "{fp32,bf16,fp16}", "fusegpt-global",
                    "{cpu,paper}"):
         assert choice in out

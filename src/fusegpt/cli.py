@@ -242,8 +242,8 @@ _CONFIG_FLAGS = [
     ("--sparsity", float, "fraction of blocks to remove, ceil(L * sparsity) (default 0.25)"),
     ("--remove", int, "remove exactly K blocks (overrides --sparsity)"),
     ("--mode", str, "iterative (re-score after every removal) or oneshot"),
-    ("--order", str, "what ranks blocks for fusegpt's selection: mi (Macro Influence, default), bi (ShortGPT) "
-                     "or nll (skip-one NLL: SLEB iterative, PPL one-shot)"),
+    ("--order", str, "what ranks blocks for fusegpt's selection: mi (Macro Influence, default), bi (ShortGPT), "
+                     "nll (skip-one NLL: SLEB iterative, PPL one-shot) or fisher (squared gradients)"),
     ("--min-gap", int, "keep removed blocks at least this far apart while enough qualify (default 1; 2 = no "
                        "neighbours, less overlap of their groups)"),
     ("--group-size", int, "receiving blocks around the removed one (the paper's G; reference 7)"),
