@@ -63,11 +63,9 @@ def measure(args) -> None:
     train, held = calib[: cfg.nsamples], calib[cfg.nsamples :]
     score = train[: cfg.score_samples]
     windows = perplexity_windows(tok, "wikitext2", args.seqlen, args.eval_windows)
-    done = {}
-    if args.out.exists():
-        done = {r["block"]: r for r in map(json.loads, args.out.read_text().splitlines()) if "block" in r}
-    head = next((r for r in map(json.loads, args.out.read_text().splitlines()) if "metrics" in r), None) \
-        if args.out.exists() else None
+    earlier = [json.loads(x) for x in args.out.read_text().splitlines() if x.strip()] if args.out.exists() else []
+    done = {r["block"]: r for r in earlier if "block" in r}
+    head = next((r for r in earlier if "metrics" in r), None)
     ad = get_adapter(dense)
     L = ad.num_blocks
     if head is None:

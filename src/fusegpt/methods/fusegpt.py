@@ -43,6 +43,11 @@ def pick_blocks(scores: dict[int, float], k: int, removed: list[int] = (), min_g
     return out
 
 
+def _info(job: Job) -> int:
+    """The level of a step's progress messages: INFO, DEBUG for a quiet job (a search's many cheap fusions)."""
+    return logging.DEBUG if job.quiet else logging.INFO
+
+
 def param_groups(receivers: list[nn.Module], train: str, coef_lr: float, lr: float) -> list[ParamGroup]:
     """What distillation trains (everything else in the group stays frozen).
 
@@ -212,7 +217,7 @@ def ensure_dense_targets(job: Job, boundaries: list[int] | None, *, final: bool 
     for b in wanted:
         store.put(b, cache.get(b))
     job.state.targets = store
-    log.info("dense targets cached at %d boundaries: %s", len(wanted), wanted)
+    log.log(_info(job), "dense targets cached at %d boundaries: %s", len(wanted), wanted)
     if job.checkpoint is not None:
         job.checkpoint.save_targets(store)
 
@@ -319,7 +324,7 @@ def fuse_step(job: Job, step: int, p: int, recv: list[int], sec: dict[str, float
         mse_after=mse_after, epoch_losses=res.epoch_losses, train_steps=res.steps, nonfinite=res.nonfinite,
         restored=bool(reasons), retried=bool(reasons), fallback=len(reasons) == 2, divergence=reasons, seconds=sec,
     )
-    log.info("%s removed block %d; group loss %.4g -> %.4g (%s)", tag, removed, before, after, cfg.loss)
+    log.log(_info(job), "%s removed block %d; group loss %.4g -> %.4g (%s)", tag, removed, before, after, cfg.loss)
     return rep, changed
 
 

@@ -122,6 +122,9 @@ class Fitness:
         self.job, self.ids, self.kind, self.opt = job, ids, kind, options
         self.order_scores = order_scores
         self.cache = job.cache("fitness", ids)
+        # the dense model's final hidden states, held once: every evaluation compares against them, and a bounded
+        # cache keeps the last entry only when its depth happens to fall on a checkpoint
+        self.ref = self.cache.get(job.runner.adapter.num_blocks)
         self.head = LossHead.for_runner(job.runner)
         self.values: dict[tuple[int, ...], list[float]] = {}
         self.seconds: dict[tuple[int, ...], float] = {}
@@ -155,10 +158,9 @@ class Fitness:
 
     def _kl(self, h: torch.Tensor, a: int) -> list[float]:
         """Per-window KL of hidden states h (windows a .. a + len(h)) against the dense model's."""
-        ref = self.cache.get(self.job.runner.adapter.num_blocks)
         dev = self.job.runner.device
         with torch.no_grad():
-            return [float(logit_kl(h[w : w + 1].to(dev), ref[a + w : a + w + 1].to(dev), self.head))
+            return [float(logit_kl(h[w : w + 1].to(dev), self.ref[a + w : a + w + 1].to(dev), self.head))
                     for w in range(h.shape[0])]
 
     def _drop(self, blocks: tuple[int, ...], a: int, b: int) -> list[float]:
@@ -189,15 +191,9 @@ class Fitness:
                                   final_epochs=0, mode="oneshot", offload="cpu")
         sub = Job(adapter=ad, runner=runner, config=cfg, calib_ids=job.calib_ids[:n],
                   generator=torch.Generator().manual_seed(cfg.seed), num_removals=len(plan), quiet=True)
-        quiet = [logging.getLogger(name) for name in ("fusegpt.methods.fusegpt", "fusegpt.distill.trainer")]
-        levels = [lg.level for lg in quiet]
         try:
-            for lg in quiet:
-                lg.setLevel(logging.WARNING)
             steps = fuse_and_remove(sub, receivers="local", selection=FixedPlan(plan))
         finally:
-            for lg, lv in zip(quiet, levels):
-                lg.setLevel(lv)
             sub.close()
         # every block before the first one the fusion touched is the dense model's: start from its cached input
         g0 = min(min([s.removed, *s.group]) for s in steps)
