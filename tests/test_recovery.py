@@ -274,6 +274,20 @@ def test_final_stage_distils_towards_the_dense_model():
     assert runs["final"][2] < runs["none"][2]  # closer to the dense model's predictions
 
 
+def test_flop_count_includes_the_lm_head_of_head_losses():
+    """A logit-KL group loss runs the LM head for student (forward + backward) and teacher (forward) on every
+    trained token: the reported training FLOPs exceed the MSE run's by exactly 8 x tokens x hidden x vocabulary."""
+    ids = random_ids(8, 16)
+    flops = {}
+    for loss in ("mse", "logit-kl"):
+        model = tiny_model("llama", 6)
+        rep = compress(model, _cfg(blocks=[3, 1], loss=loss), calib_ids=ids)
+        flops[loss] = rep.flops["train"]
+        head = model.lm_head.weight.numel()
+    tokens = 2 * 2 * 8 * 16  # removals x epochs x windows x seqlen
+    assert flops["logit-kl"] - flops["mse"] == pytest.approx(8 * tokens * head, rel=1e-9)
+
+
 # ---- joint one-shot (the paper's) ------------------------------------------------------------------------------
 def test_joint_spans_merge_overlapping_windows():
     # G = 1: windows {1, 2} (block 2), {3, 4} (4), {4, 5} (5) and {8, 9} (9) -> spans 1..2, 3..5, 8..9

@@ -190,6 +190,11 @@ class Adapter:
         head_dim = getattr(self.config, "head_dim", None) or self.config.hidden_size // heads
         return float(lin + 2 * seqlen * heads * head_dim)
 
+    def head_macs_per_token(self) -> float:
+        """Multiply-accumulates per token of the LM head (hidden x vocabulary)."""
+        w = self.model.lm_head.weight
+        return float(w.shape[0] * w.shape[1])
+
     @staticmethod
     def set_submodule(block: nn.Module, name: str, module: nn.Module) -> None:
         parent_name, _, child = name.rpartition(".")

@@ -25,15 +25,17 @@ import torch.utils.checkpoint
 
 from ..device import autocast
 
-__all__ = ["LOSSES", "LossHead", "build_loss", "get_loss", "register_loss"]
+__all__ = ["LOSSES", "LossHead", "build_loss", "get_loss", "register_loss", "head_passes"]
 
 LossFn = Callable[..., torch.Tensor]
 LOSSES: dict[str, LossFn] = {}
 _NEEDS_HEAD: set[str] = set()
+_HEAD_PASSES: dict[str, int] = {}
 
 
-def register_loss(name: str, *, head: bool = False) -> Callable[[LossFn], LossFn]:
-    """Register a loss; ``head=True``: it is called as ``fn(student, teacher, head)``."""
+def register_loss(name: str, *, head: bool = False, passes: int = 0) -> Callable[[LossFn], LossFn]:
+    """Register a loss; ``head=True``: it is called as ``fn(student, teacher, head)``. ``passes``: forward-pass
+    equivalents of the LM head per trained token (for the FLOP count; recomputation not counted)."""
 
     def deco(fn: LossFn) -> LossFn:
         if name in LOSSES:
@@ -41,6 +43,7 @@ def register_loss(name: str, *, head: bool = False) -> Callable[[LossFn], LossFn
         LOSSES[name] = fn
         if head:
             _NEEDS_HEAD.add(name)
+        _HEAD_PASSES[name] = passes
         return fn
 
     return deco
@@ -119,7 +122,7 @@ def _kl_chunk(s: torch.Tensor, t: torch.Tensor, logits_fn, compute) -> torch.Ten
     return F.kl_div(F.log_softmax(ls.float(), -1), F.log_softmax(lt.float(), -1), reduction="sum", log_target=True)
 
 
-@register_loss("logit-kl", head=True)
+@register_loss("logit-kl", head=True, passes=4)  # student forward + backward (3), teacher forward (1)
 def logit_kl(student: torch.Tensor, teacher: torch.Tensor, head: LossHead) -> torch.Tensor:
     """KL(teacher || student) of the next-token distributions through the frozen final norm + LM head, mean over
     tokens. Chunked over tokens with recomputation, so the [tokens, V] logits of one chunk are held at a time."""
@@ -146,6 +149,12 @@ def get_loss(name: str, head: LossHead | None = None) -> Callable[[torch.Tensor,
             raise ValueError(f"loss {name!r} looks through the model's final norm / LM head: pass head=LossHead")
         return lambda s, t: fn(s, t, head)
     return fn
+
+
+def head_passes(name: str, aux: str | None = None, aux_weight: float = 0.0) -> int:
+    """LM-head forward-pass equivalents per trained token of ``name`` (+ ``aux`` when weighted): what a training
+    step spends in the head besides the blocks (logit-kl: 4; hidden-state losses: 0)."""
+    return _HEAD_PASSES.get(name, 0) + (_HEAD_PASSES.get(aux, 0) if aux and aux_weight else 0)
 
 
 def build_loss(name: str, *, aux: str | None = None, aux_weight: float = 0.0,

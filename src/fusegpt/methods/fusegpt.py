@@ -14,6 +14,7 @@ from torch import nn
 
 from .. import faults
 from ..distill import ParamGroup, TrainSettings, group_loss, group_window, train_group
+from ..distill.losses import head_passes
 from ..fusion import FusedLinear, fused_linears, inject_donor, merge_fused_linears
 from ..options import option, register_options
 from ..scoring import ORDERS, output_similarity
@@ -280,15 +281,19 @@ def _distill(job: Job, step: int, student: list[nn.Module], skinds: list[str], r
     with job.measure("train", sec, flops_factor=6.0):  # forward + backward (~2x forward)
         desc = None if job.quiet else desc  # no progress bars (a search's many cheap fusions)
         res = train_group(runner, student, skinds, x, y, groups, settings, generator=job.generator, desc=desc)
+        trained_tokens = res.tokens
         if res.diverged:
             reasons.append(res.reason or "diverged")
             log.warning("%s %s: group restored; retrying at half the learning rates", tag, res.reason)
             half = [ParamGroup(g.name, g.params, g.lr / 2) for g in groups]
             res = train_group(runner, student, skinds, x, y, half, settings, generator=job.generator,
                               desc=None if desc is None else desc + " (retry, lr / 2)")
+            trained_tokens += res.tokens
             if res.diverged:
                 reasons.append(res.reason or "diverged")
                 log.warning("%s %s again: the step keeps plain removal", tag, res.reason)
+    passes = head_passes(cfg.loss, cfg.aux_loss, cfg.aux_weight)  # the LM head of head losses, beside the blocks
+    job.flops["train"] += 2.0 * passes * trained_tokens * job.adapter.head_macs_per_token()
     after, mse_after = _group_losses(job, student, skinds, x[:S], y[:S], sec)
     if cfg.consolidate:
         for block in receiving:

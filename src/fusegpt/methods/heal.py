@@ -64,6 +64,8 @@ def lora_heal(job: Job, *, epochs: int | None = None, lr: float | None = None, t
     res = train_group(runner, blocks, kinds, x, ids if teacher is None else teacher, groups, settings,
                       generator=job.generator, desc=desc, loss_fn=lm_loss if teacher is None else None)
     job.flops["train"] += 3 * 2 * (runner.macs - m0)
+    # the LM head: the student's forward + backward, and with a teacher the teacher's logits (its forward)
+    job.flops["train"] += 2.0 * (4 if teacher is not None else 3) * res.tokens * ad.head_macs_per_token()
     for b in blocks:
         merge_fused_linears(b)
     assert not any(isinstance(m, FusedLinear) for m in ad.model.modules())
