@@ -421,6 +421,17 @@ def test_memory_formula_does_not_depend_on_depth():
     disk = estimate_memory(**{**kw, "offload": "disk"}, grad_checkpoint=True, block_bytes=14_000_000)
     assert disk.cache == 128 * 1024 * 576 * 4 < on.cache
     assert disk.group == est.group + 9 * 14_000_000  # the loaded span (G + 1) and the donor
+    # the final stage: F blocks train at once (the training term with F for G, LoRA + norms), plus the embedded
+    # windows and one chunk of logit-KL logits; the peak takes it when it is the largest phase
+    fin = dict(final_blocks=22, final_trainable=22 * 700_000, vocab=49152, block_linear_params=3_500_000)
+    f_off = estimate_memory(**kw, **fin, grad_checkpoint=False)
+    tokens, att = 4 * 1024, 4 * 9 * 1024 * 1024 * 4
+    assert f_off.final == (20 * 22 * 700_000 + 22 * (tokens * est.activations_per_token_block + att + 4 * 3_500_000)
+                           + 3 * att + 16 * 884_736 + 128 * 1024 * 576 * 4 + 6 * 512 * 49152 * 4)
+    assert f_off.total == f_off.cache + max(f_off.group + f_off.training, f_off.scoring, f_off.final)
+    assert f_off.final > f_off.group + f_off.training and f_off.total > est.total
+    f_on = estimate_memory(**kw, **fin, grad_checkpoint=True)
+    assert f_on.final < f_off.final and est.final == 0
 
 
 def test_heap_trimming_only_when_on_and_only_on_growth(monkeypatch):

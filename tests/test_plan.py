@@ -54,6 +54,26 @@ def test_plan_counts_the_loop_step_by_step(gemma_folder):
     assert one.params == sum(p.numel() for p in ref.parameters())
 
 
+def test_plan_counts_the_dense_target_and_the_final_stage(gemma_folder):
+    from fusegpt.plan import plan_run
+
+    cur = plan_run(str(gemma_folder), _cfg(), device="cpu", repeats=1)
+    rep = plan_run(str(gemma_folder), _cfg(target="dense", final_epochs=2, lora_rank=4), device="cpu", repeats=1)
+    u = rep.timings
+    # the dense target: L0 plain block forwards over N windows once, instead of G + 1 per removal
+    assert rep.phases["teacher"] == pytest.approx(6 * 2 * u["block_forward"])
+    assert cur.phases["teacher"] == pytest.approx(2 * (3 + 1) * 2 * cur.timings["block_forward"])
+    # the final stage: epochs x ceil(N / B) steps of the L - k LoRA blocks + 4 head passes, and the NLL before
+    # and after (one mini-batch of S windows through L - k blocks and the head, twice)
+    assert "lora_step" in u and "head_forward" in u and "final" not in cur.phases
+    assert rep.phases["final"] == pytest.approx(2 * 2 * (4 * u["lora_step"] + 4 * u["head_forward"])
+                                                + 2 * (4 * u["block_forward"] + u["head_forward"]))
+    assert rep.seconds_total == pytest.approx(sum(rep.phases.values()))
+    assert rep.seconds_per_step[-1] > rep.phases["final"]
+    # its memory: the formula's final-stage term (all remaining blocks train at once)
+    assert rep.memory["final"] > 0 and cur.memory["final"] == 0
+
+
 def test_plan_counts_the_search_of_search_methods(gemma_folder):
     from fusegpt.plan import plan_run
 

@@ -288,6 +288,36 @@ def test_flop_count_includes_the_lm_head_of_head_losses():
     assert flops["logit-kl"] - flops["mse"] == pytest.approx(8 * tokens * head, rel=1e-9)
 
 
+def test_final_stage_decides_its_checkpointing_on_its_own_memory(monkeypatch):
+    """--grad-checkpoint auto: the final stage trains every remaining block at once, so its saving is weighed on
+    its own; with a threshold between the group's and the final stage's savings only the final stage checkpoints."""
+    from fusegpt import api
+    from fusegpt.memory import estimate_memory
+    from fusegpt.methods import heal
+
+    ids = random_ids(8, 16)
+    cfg = _cfg(final_epochs=1, target="dense")
+    model = tiny_model("llama", 6)
+    kw = api._memory_plan(get_adapter(model), cfg, None).inputs
+    kw = {k: v for k, v in kw.items() if k not in ("grad_checkpoint", "final_checkpoint")}
+    off, on = estimate_memory(**kw, grad_checkpoint=False), estimate_memory(**kw, grad_checkpoint=True)
+    group_saving, final_saving = off.training - on.training, off.final - on.final
+    assert 0 < group_saving < final_saving
+    monkeypatch.setattr(api, "AUTO_CHECKPOINT_BYTES", (group_saving + final_saving) // 2)
+    seen = []
+    real = heal.train_group
+
+    def spy(runner, *a, **k):
+        seen.append(runner.grad_checkpoint)
+        return real(runner, *a, **k)
+
+    monkeypatch.setattr(heal, "train_group", spy)
+    rep = compress(model, cfg, calib_ids=ids)
+    assert seen == [True]  # the final stage checkpointed ...
+    bound = rep.memory["bound_over_baseline"]
+    assert bound["grad_checkpoint"] is False and bound["final_checkpoint"] is True  # ... the group loop did not
+
+
 # ---- joint one-shot (the paper's) ------------------------------------------------------------------------------
 def test_joint_spans_merge_overlapping_windows():
     # G = 1: windows {1, 2} (block 2), {3, 4} (4), {4, 5} (5) and {8, 9} (9) -> spans 1..2, 3..5, 8..9

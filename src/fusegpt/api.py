@@ -263,19 +263,40 @@ def _memory_plan(adapter, config: CompressConfig, compute: torch.dtype | None) -
                                              lora_rank=config.lora_rank, train=config.train),
               receiver_linear_params=g * sum(o * i for o, i, _ in lins), largest_linear=max(o * i for o, i, _ in lins),
               block_bytes=4 * sum(p.numel() for p in block.parameters()),
-              targets=dense_target_count(config, adapter.num_blocks))
+              targets=dense_target_count(config, adapter.num_blocks), **_final_stage_sizes(adapter, config))
     off = estimate_memory(**kw, grad_checkpoint=False)
     with_ckpt = estimate_memory(**kw, grad_checkpoint=True)
     # auto: checkpoint when it saves more than 1 GiB (activations, attention matrices and the fused weights'
-    # temporaries of every student block; the last dominate on large models)
+    # temporaries of every student block; the last dominate on large models), decided for the group loop and for the
+    # final stage (every remaining block at once) each on its own memory
     on = config.grad_checkpoint == "on" or (
         config.grad_checkpoint == "auto" and off.training - with_ckpt.training > AUTO_CHECKPOINT_BYTES)
-    plan = with_ckpt if on else off
-    plan.inputs = {**kw, "grad_checkpoint": on}
-    log.info("memory plan: %.2f GiB over the baseline (cache %.2f, group %.2f, training %.2f); gradient "
-             "checkpointing %s", plan.total / 2**30, plan.cache / 2**30, plan.group / 2**30, plan.training / 2**30,
-             "on" if on else "off")
+    final_on = config.grad_checkpoint == "on" or (
+        config.grad_checkpoint == "auto" and off.final - with_ckpt.final > AUTO_CHECKPOINT_BYTES)
+    plan = estimate_memory(**kw, grad_checkpoint=on, final_checkpoint=final_on)
+    plan.inputs = {**kw, "grad_checkpoint": on, "final_checkpoint": final_on}
+    log.info("memory plan: %.2f GiB over the baseline (cache %.2f, group %.2f, training %.2f%s); gradient "
+             "checkpointing %s%s", plan.total / 2**30, plan.cache / 2**30, plan.group / 2**30, plan.training / 2**30,
+             f", final stage {plan.final / 2**30:.2f}" if plan.final else "", "on" if on else "off",
+             f" (final stage: {'on' if final_on else 'off'})" if plan.final else "")
     return plan
+
+
+# the methods whose runs end with the final stage when --final-epochs > 0
+FINAL_STAGE_METHODS = ("fusegpt", "fusegpt-global", "fusegpt-evo")
+
+
+def _final_stage_sizes(adapter, config: CompressConfig) -> dict[str, int]:
+    """The sizes the memory formula needs for the final stage (none when the run has none)."""
+    if config.final_epochs <= 0 or config.method not in FINAL_STAGE_METHODS:
+        return {}
+    block = adapter.blocks[0]
+    lins = [(m.out_features, m.in_features) for m in adapter.block_linears(block).values()]
+    norms = sum(p.numel() for n, p in block.named_parameters() if "norm" in n)
+    lora = sum((o + i) * min(config.lora_rank, o, i) for o, i in lins)
+    f = adapter.num_blocks - num_removals(config, adapter.num_blocks)
+    return {"final_blocks": f, "final_trainable": f * (lora + norms), "vocab": adapter.model.lm_head.out_features,
+            "block_linear_params": sum(o * i for o, i in lins)}
 
 
 def run_settings(config: CompressConfig, calib_ids: torch.Tensor, num_blocks: int, compute: torch.dtype | None,

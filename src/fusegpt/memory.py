@@ -20,7 +20,12 @@ MLP width I), the group (G receivers, mini-batch B) and the cache policy (R resi
 - dense targets (``--target dense``): the original model's hidden states at D block boundaries, D x N x T x H x
   b_cache, in memory with offload = cpu (files with offload = disk);
 - scoring: the full and the skipped final hidden states of the S scoring windows and one running copy
-  (3 x S x T x H x 4).
+  (3 x S x T x H x 4);
+- the final stage (``--final-epochs``, after the last fusion): every one of the F remaining blocks trains at once
+  (LoRA + norms, 20 bytes per trainable parameter as above), so its autograd memory is the training term's with F
+  blocks instead of G (activations, attention matrices and W_eff = W + B A per block, or with checkpointing the
+  inputs of F blocks and one block's rest), plus the embedded calibration windows (N x T x H x 4) and one chunk of
+  the logit-KL (512 tokens x V: student and teacher logits, their log-softmax and the gradient, 6 x 512 x V x 4).
 """
 
 from __future__ import annotations
@@ -61,11 +66,13 @@ class MemoryEstimate:
     activations_per_token_block: int
     grad_checkpoint: bool
     inputs: dict | None = None  # the arguments it was computed from (to recompute a step's prediction)
+    final: int = 0  # the final stage (0 = none)
+    final_checkpoint: bool = False  # gradient checkpointing in the final stage (decided on its own memory)
 
     @property
     def total(self) -> int:
         """Peak over the process and model baseline: the largest phase (training holds the group too)."""
-        return self.cache + max(self.group + self.training, self.scoring)
+        return self.cache + max(self.group + self.training, self.scoring, self.final)
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -89,7 +96,8 @@ def estimate_memory(
     *, n: int, s: int, t: int, hidden: int, intermediate: int, heads: int, group: int, batch: int,
     cache_entries: int | None, cache_bytes: int, offload: str, trainable: int, receiver_linear_params: int,
     largest_linear: int, grad_checkpoint: bool, calib_resident: int | None = None, score_resident: int | None = None,
-    block_bytes: int = 0, targets: int = 0,
+    block_bytes: int = 0, targets: int = 0, final_blocks: int = 0, final_trainable: int = 0, vocab: int = 0,
+    block_linear_params: int = 0, final_checkpoint: bool | None = None,
 ) -> MemoryEstimate:
     """The formula of the module docstring.
 
@@ -97,7 +105,10 @@ def estimate_memory(
     the caches hold at a step (at most R; what the prediction of that step uses); ``targets``: dense-target
     boundaries held (D). ``receiver_linear_params``: out x
     in summed over the receivers' linears; ``heads``: attention heads (SDPA on the CPU materialises the T x T
-    scores and probabilities of a block, and their gradients in backward)."""
+    scores and probabilities of a block, and their gradients in backward). The final stage: ``final_blocks`` (F,
+    0 = none), ``final_trainable`` (its trainable parameters over all F blocks), ``vocab``, and
+    ``block_linear_params`` (out x in summed over one block's linears); ``final_checkpoint``: gradient
+    checkpointing in the final stage (default: as ``grad_checkpoint``)."""
     entry = t * hidden * cache_bytes
     r = cache_entries or 1
     rc = r if calib_resident is None else calib_resident
@@ -119,5 +130,14 @@ def estimate_memory(
         # every block keeps its activations, attention probabilities and W_eff for backward; one block's backward
         # adds three attention-sized gradients, and one layer at a time its weight temporaries (4 x out x in)
         training = 20 * trainable + group * (tokens * per_tok + att + 4 * w_block) + 3 * att + 16 * largest_linear
+    final = 0
+    final_checkpoint = grad_checkpoint if final_checkpoint is None else final_checkpoint
+    if final_blocks:
+        if final_checkpoint:
+            act = final_blocks * tokens * hidden * 4 + tokens * per_tok + 4 * att + 16 * largest_linear
+        else:
+            act = final_blocks * (tokens * per_tok + att + 4 * block_linear_params) + 3 * att + 16 * largest_linear
+        final = 20 * final_trainable + act + n * t * hidden * 4 + 6 * min(512, tokens) * vocab * 4
     return MemoryEstimate(cache=cache, group=n * entry + loaded, training=training, scoring=3 * s * t * hidden * 4,
-                          activations_per_token_block=per_tok, grad_checkpoint=grad_checkpoint)
+                          activations_per_token_block=per_tok, grad_checkpoint=grad_checkpoint, final=final,
+                          final_checkpoint=bool(final_checkpoint and final_blocks))

@@ -11,9 +11,14 @@ step, as `fusegpt.methods.fusegpt` runs it (docs/METHOD.md, "Plan"):
 - the group input from the activation cache: on the first step, the blocks before the group (taken as the middle
   of the model, (L - G) / 2, since MI has not chosen yet); later steps start from a cache checkpoint, at most
   ceil(L / (R - 1)) - 1 blocks back, half that on average;
-- the teacher: G + 1 plain block forwards over N windows;
+- the teacher: G + 1 plain block forwards over N windows (``--target dense``: instead, the dense model's L block
+  forwards over N windows once, before the first removal);
 - the group loss before and after training: 2 x G fused forwards over S windows (twice when the loss is not MSE);
-- training: epochs x ceil(N / B) steps of G fused blocks (forward, backward and optimizer).
+- training: epochs x ceil(N / B) steps of G fused blocks (forward, backward and optimizer);
+- the final stage (``--final-epochs``): final_epochs x ceil(N / B) steps of the L - k remaining blocks with LoRA
+  (one LoRA block's step measured), plus the LM head of the logit KL (student forward and backward, teacher
+  forward: 4 head forwards per step, counted as head / block multiply-accumulates x one block's forward), and the
+  calibration NLL before and after (L - k blocks and the head over S windows, twice).
 
 Memory is the formula of ``fusegpt.memory`` on top of a baseline: this process's own resident memory (Python,
 torch, transformers, as a compress process has them) plus the model's weights (fp32, or none with offload disk).
@@ -88,7 +93,8 @@ def _two_block_model(config):
 
 
 def measure_units(config, cfg, device: torch.device, compute: torch.dtype | None, grad_checkpoint: bool,
-                  repeats: int = 3, train_batch: int | None = None) -> dict[str, float]:
+                  repeats: int = 3, train_batch: int | None = None,
+                  final_checkpoint: bool | None = None) -> dict[str, float]:
     """Seconds of one mini-batch (``cfg.batch_size`` windows of ``cfg.seqlen`` tokens) through one block: plain
     forward, fused forward, and one fused distillation step (forward + backward + Adam) on ``train_batch`` of
     those windows (default all; a data-parallel rank's share)."""
@@ -109,6 +115,9 @@ def measure_units(config, cfg, device: torch.device, compute: torch.dtype | None
     g = torch.Generator().manual_seed(0)
     x = torch.randn(cfg.batch_size, cfg.seqlen, text.hidden_size, generator=g)
     units = {"block_forward": _median_time(lambda: runner.run([blocks[0]], kinds[:1], x), repeats, device)}
+    if cfg.final_epochs > 0:  # the LM head's forward over a mini-batch, scaled from the block's by their MACs
+        units["head_forward"] = (text.hidden_size * text.vocab_size / ad.block_macs_per_token(blocks[0], cfg.seqlen)
+                                 * units["block_forward"])
     inject_donor(ad, blocks[1], [blocks[0]], coef_kind=cfg.coef, coef_rank=cfg.coef_rank,
                  lora_rank=0 if cfg.train == "full" else cfg.lora_rank, generator=g)
     for _, fl in fused_linears(blocks[0]):
@@ -131,6 +140,26 @@ def measure_units(config, cfg, device: torch.device, compute: torch.dtype | None
         opt.step()
 
     units["train_step"] = _median_time(step, repeats, device)
+    if cfg.final_epochs > 0 and cfg.lora_rank > 0:  # the final stage trains plain blocks with LoRA + norms
+        from .fusion import wrap_block
+
+        lora = []
+        for fl in wrap_block(ad, blocks[1], lora_rank=cfg.lora_rank, generator=g).values():
+            lora += fl.lora_parameters()
+        lora += [p for n, p in blocks[1].named_parameters() if "norm" in n]
+        for p in lora:
+            p.requires_grad_(True)
+        opt2 = torch.optim.Adam(lora, lr=cfg.final_lr, betas=tuple(cfg.betas))
+        runner.grad_checkpoint = grad_checkpoint if final_checkpoint is None else final_checkpoint
+
+        def lora_step():
+            out = runner.forward_blocks([blocks[1]], kinds[1:2], xd)
+            loss = loss_fn(out, yd)
+            opt2.zero_grad(set_to_none=True)
+            loss.backward()
+            opt2.step()
+
+        units["lora_step"] = _median_time(lora_step, repeats, device)
     return units
 
 
@@ -141,7 +170,7 @@ def plan_run(model_name: str, config, *, device: str | None = None, repeats: int
     from transformers import AutoModelForCausalLM
 
     from .adapters import check_supported, get_adapter
-    from .api import _memory_plan
+    from .api import FINAL_STAGE_METHODS, _memory_plan
     from .config import num_removals
     from .device import choose_compute_dtype, current_rss_bytes, resolve_device
     from .distributed import check_divisible
@@ -160,7 +189,7 @@ def plan_run(model_name: str, config, *, device: str | None = None, repeats: int
     check_divisible(config.batch_size, config.nsamples, nproc)
     # a rank's distillation step runs B / nproc windows
     units = measure_units(info.config, config, dev, compute, mem.grad_checkpoint, repeats,
-                          train_batch=config.batch_size // nproc)
+                          train_batch=config.batch_size // nproc, final_checkpoint=mem.final_checkpoint)
 
     n_b = math.ceil(config.nsamples / config.batch_size)  # mini-batches over the calibration windows
     s_b = math.ceil(config.score_samples / config.batch_size)
@@ -178,10 +207,18 @@ def plan_run(model_name: str, config, *, device: str | None = None, repeats: int
         back = (L - G) / 2 if step == 0 else (
             min((L - G) / 2, (math.ceil(L / (R - 1)) - 1) / 2) if R else 0.0)
         phases["group_input"] += max(back, 0.0) * n_b * units["block_forward"]
-        phases["teacher"] += (G + 1) * n_b * units["block_forward"]
+        if config.target != "dense":
+            phases["teacher"] += (G + 1) * n_b * units["block_forward"]
+        elif step == 0:  # the dense model's hidden states, once
+            phases["teacher"] += L0 * n_b * units["block_forward"]
         phases["eval"] += losses * G * s_b * units["fused_forward"]
         phases["train"] += config.epochs * n_b * G * units["train_step"]
         per_step.append(sum(phases.values()) - sum(before.values()))
+    if "lora_step" in units and config.method in FINAL_STAGE_METHODS:
+        F, head = L0 - k, units["head_forward"]
+        phases["final"] = (config.final_epochs * n_b * (F * units["lora_step"] + 4 * head)
+                           + 2 * s_b * (F * units["block_forward"] + head))
+        per_step[-1] += phases["final"]
     model_bytes = 0 if config.offload == "disk" else 4 * params
     notes = [f"{config.method}: counted as FuseGPT's loop (scoring, group input, teacher, group losses, training)"]
     search = _search_seconds(config, units, L0, k, s_b, params)
@@ -260,7 +297,9 @@ def format_plan(rep: PlanReport) -> str:
         + ", ".join(f"{k} {v:.0f} s" for k, v in rep.phases.items()),
         f"predicted peak memory: {rep.peak_bytes / gib:.2f} GiB = baseline {rep.baseline_bytes / gib:.2f} GiB "
         f"(process + weights) + {rep.memory['total'] / gib:.2f} GiB (cache {rep.memory['cache'] / gib:.2f}, "
-        f"group {rep.memory['group'] / gib:.2f}, training {rep.memory['training'] / gib:.2f})",
+        f"group {rep.memory['group'] / gib:.2f}, training {rep.memory['training'] / gib:.2f}"
+        + (f", final stage {rep.memory['final'] / gib:.2f} with checkpointing "
+           f"{'on' if rep.memory['final_checkpoint'] else 'off'}" if rep.memory.get("final") else "") + ")",
     ]
     if rep.cache_disk_bytes:
         lines.append(f"disk for the activation cache (--offload disk): {rep.cache_disk_bytes / gib:.2f} GiB")

@@ -473,9 +473,15 @@ def final_stage(job: Job) -> None:
     from .heal import lora_heal
 
     ensure_dense_targets(job, None, final=True)
-    cfg, L0 = job.config, job.num_original
-    res = lora_heal(job, epochs=cfg.final_epochs, lr=cfg.final_lr, teacher=job.state.targets.get(L0),
-                    desc="final distillation (logit KL vs dense)")
+    cfg, L0, runner = job.config, job.num_original, job.runner
+    group_ckpt = runner.grad_checkpoint  # the memory plan decides the final stage's checkpointing on its own memory
+    if job.memory_plan is not None and job.memory_plan.final:
+        runner.grad_checkpoint = job.memory_plan.final_checkpoint
+    try:
+        res = lora_heal(job, epochs=cfg.final_epochs, lr=cfg.final_lr, teacher=job.state.targets.get(L0),
+                        desc="final distillation (logit KL vs dense)")
+    finally:
+        runner.grad_checkpoint = group_ckpt
     last = job.state.steps[-1]
     last.seconds["final"] = res["seconds"]
     last.extra["final"] = {k: res[k] for k in ("nll_before", "nll_after", "epoch_losses", "steps", "nonfinite",
