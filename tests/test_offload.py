@@ -26,7 +26,9 @@ def test_disk_offload_gives_the_same_model(tiny_folder, tmp_path, mode):
     runs = {}
     for off in ("cpu", "disk"):
         out = tmp_path / off
-        assert main(["compress", str(tiny_folder), "--out", str(out), *SMALL, "--mode", mode, "--offload", off]) == 0
+        # the final stage cannot stream (it trains every block at once): the cpu preset turns it off with disk
+        assert main(["compress", str(tiny_folder), "--out", str(out), *SMALL, "--mode", mode, "--offload", off,
+                     "--final-epochs", "0"]) == 0
         runs[off] = (json.loads((out / "fusegpt_report.json").read_text()), _weights(out))
     (rc, wc), (rd, wd) = runs["cpu"], runs["disk"]
     assert rc["removed"] == rd["removed"]

@@ -251,16 +251,17 @@ _CONFIG_FLAGS = [
     ("--coef-rank", int, "rank of the low-rank coefficient (reference 128)"),
     ("--lora-rank", int, "rank of the LoRA on receiving weights (reference 128; 0 = none)"),
     ("--train", str, "what distillation trains: coef, coef+lora or full"),
-    ("--loss", str, "distillation loss: mse (cpu preset), kl-batch (reference), nmse (per-token normalised), "
+    ("--loss", str, "distillation loss: nmse (per-token normalised MSE, cpu preset), kl-batch (reference), mse, "
                     "cosine, kl-hidden, mse-norm (after the frozen final norm), logit-kl (next-token KL through "
                     "the frozen head)"),
     ("--aux-loss", str, "an auxiliary loss added to --loss with weight --aux-weight"),
     ("--aux-weight", float, "weight of --aux-loss (default 0 = none)"),
-    ("--target", str, "distillation target: current (the pruned model's group output, default) or dense (the "
-                      "original model's hidden state, cached before the first removal)"),
+    ("--target", str, "distillation target: dense (the original model's hidden state, cached before the first "
+                      "removal; cpu preset) or current (the pruned model's group output; paper preset)"),
     ("--final-epochs", int, "after the last fusion, distil the whole model's next-token distributions against the "
-                            "dense model's for this many epochs (LoRA + norms on every block; default 0 = off)"),
-    ("--final-lr", float, "learning rate of the final stage (default 1e-4)"),
+                            "dense model's for this many epochs (LoRA + norms on every block; cpu preset 3, "
+                            "paper preset 0 = off)"),
+    ("--final-lr", float, "learning rate of the final stage (cpu preset 1e-3)"),
     ("--warmup", float, "linear lr warm-up over this fraction of each distillation's steps (default 0)"),
     ("--clip-grad", float, "clip the gradient norm of the trained parameters (default 0 = off)"),
     ("--epochs", int, "distillation epochs per removal"),
