@@ -431,7 +431,7 @@ def test_memory_formula_does_not_depend_on_depth():
     assert disk.group == est.group + 9 * 14_000_000  # the loaded span (G + 1) and the donor
     # the final stage: F blocks train at once (the training term with F for G, LoRA + norms), plus the embedded
     # windows and one chunk of logit-KL logits; the peak takes it when it is the largest phase
-    fin = dict(final_blocks=22, final_trainable=22 * 700_000, vocab=49152, block_linear_params=3_500_000)
+    fin = dict(final_blocks=22, final_trainable=22 * 700_000, vocab=49152)  # one block's linears: 3.5M (W / G)
     f_off = estimate_memory(**kw, **fin, grad_checkpoint=False)
     tokens, att = 4 * 1024, 4 * 9 * 1024 * 1024 * 4
     assert f_off.final == (20 * 22 * 700_000 + 22 * (tokens * est.activations_per_token_block + att + 4 * 3_500_000)

@@ -28,7 +28,7 @@ from .device import (
     resolve_device,
 )
 from .fusion.math import master_dtype
-from .memory import AUTO_CHECKPOINT_BYTES, MemoryEstimate, estimate_memory, trainable_params
+from .memory import AUTO_CHECKPOINT_BYTES, MemoryEstimate, estimate_memory, lora_params, trainable_params
 from .methods import Job, StepReport, get_method, method_info
 from .methods.fusegpt import dense_target_count
 from .models import ModelInfo, inspect_model
@@ -263,7 +263,8 @@ def _memory_plan(adapter, config: CompressConfig, compute: torch.dtype | None) -
                                              lora_rank=config.lora_rank, train=config.train),
               receiver_linear_params=g * sum(o * i for o, i, _ in lins), largest_linear=max(o * i for o, i, _ in lins),
               block_bytes=4 * sum(p.numel() for p in block.parameters()),
-              targets=dense_target_count(config, adapter.num_blocks), **_final_stage_sizes(adapter, config))
+              targets=dense_target_count(config, adapter.num_blocks),
+              **_final_stage_sizes(adapter, config, lins, norms))
     off = estimate_memory(**kw, grad_checkpoint=False)
     with_ckpt = estimate_memory(**kw, grad_checkpoint=True)
     # auto: checkpoint when it saves more than 1 GiB (activations, attention matrices and the fused weights'
@@ -286,17 +287,15 @@ def _memory_plan(adapter, config: CompressConfig, compute: torch.dtype | None) -
 FINAL_STAGE_METHODS = ("fusegpt", "fusegpt-global", "fusegpt-evo")
 
 
-def _final_stage_sizes(adapter, config: CompressConfig) -> dict[str, int]:
-    """The sizes the memory formula needs for the final stage (none when the run has none)."""
+def _final_stage_sizes(adapter, config: CompressConfig, lins: list[tuple[int, int, bool]],
+                       norms: int) -> dict[str, int]:
+    """The sizes the memory formula needs for the final stage (none when the run has none): ``lins`` / ``norms``
+    are one block's linears and norm parameters, as for the group."""
     if config.final_epochs <= 0 or config.method not in FINAL_STAGE_METHODS:
         return {}
-    block = adapter.blocks[0]
-    lins = [(m.out_features, m.in_features) for m in adapter.block_linears(block).values()]
-    norms = sum(p.numel() for n, p in block.named_parameters() if "norm" in n)
-    lora = sum((o + i) * min(config.lora_rank, o, i) for o, i in lins)
     f = adapter.num_blocks - num_removals(config, adapter.num_blocks)
-    return {"final_blocks": f, "final_trainable": f * (lora + norms), "vocab": adapter.model.lm_head.out_features,
-            "block_linear_params": sum(o * i for o, i in lins)}
+    return {"final_blocks": f, "final_trainable": f * (lora_params(lins, config.lora_rank) + norms),
+            "vocab": adapter.model.lm_head.out_features}
 
 
 def run_settings(config: CompressConfig, calib_ids: torch.Tensor, num_blocks: int, compute: torch.dtype | None,

@@ -33,11 +33,17 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 __all__ = [
-    "MemoryEstimate", "estimate_memory", "activation_bytes_per_token", "trainable_params", "AUTO_CHECKPOINT_BYTES",
+    "MemoryEstimate", "estimate_memory", "activation_bytes_per_token", "trainable_params", "lora_params",
+    "AUTO_CHECKPOINT_BYTES",
 ]
 
 # --grad-checkpoint auto switches it on when it would save more than this much memory
 AUTO_CHECKPOINT_BYTES = 1 << 30
+
+
+def lora_params(linears: list[tuple[int, ...]], rank: int) -> int:
+    """LoRA parameters (A and B) of rank ``rank`` on ``linears`` = (out, in, ...) of one block."""
+    return sum((out + inp) * min(rank, out, inp) for out, inp, *_ in linears) if rank > 0 else 0
 
 
 def trainable_params(linears: list[tuple[int, int, bool]], norm_params: int, *, coef: str, coef_rank: int,
@@ -50,8 +56,8 @@ def trainable_params(linears: list[tuple[int, int, bool]], norm_params: int, *, 
         total += out if bias else 0
         if train == "full":
             total += out * inp + (out if bias else 0)
-        elif train == "coef+lora" and lora_rank > 0:
-            total += (out + inp) * min(lora_rank, out, inp)
+    if train == "coef+lora":
+        total += lora_params(linears, lora_rank)
     if train in ("coef+lora", "full"):
         total += norm_params
     return total
@@ -97,7 +103,7 @@ def estimate_memory(
     cache_entries: int | None, cache_bytes: int, offload: str, trainable: int, receiver_linear_params: int,
     largest_linear: int, grad_checkpoint: bool, calib_resident: int | None = None, score_resident: int | None = None,
     block_bytes: int = 0, targets: int = 0, final_blocks: int = 0, final_trainable: int = 0, vocab: int = 0,
-    block_linear_params: int = 0, final_checkpoint: bool | None = None,
+    final_checkpoint: bool | None = None,
 ) -> MemoryEstimate:
     """The formula of the module docstring.
 
@@ -106,9 +112,8 @@ def estimate_memory(
     boundaries held (D). ``receiver_linear_params``: out x
     in summed over the receivers' linears; ``heads``: attention heads (SDPA on the CPU materialises the T x T
     scores and probabilities of a block, and their gradients in backward). The final stage: ``final_blocks`` (F,
-    0 = none), ``final_trainable`` (its trainable parameters over all F blocks), ``vocab``, and
-    ``block_linear_params`` (out x in summed over one block's linears); ``final_checkpoint``: gradient
-    checkpointing in the final stage (default: as ``grad_checkpoint``)."""
+    0 = none), ``final_trainable`` (its trainable parameters over all F blocks), ``vocab``; ``final_checkpoint``:
+    gradient checkpointing in the final stage (default: as ``grad_checkpoint``)."""
     entry = t * hidden * cache_bytes
     r = cache_entries or 1
     rc = r if calib_resident is None else calib_resident
@@ -120,24 +125,25 @@ def estimate_memory(
     per_tok = activation_bytes_per_token(hidden, intermediate)
     tokens = batch * t
     att = batch * heads * t * t * 4  # one block's attention matrix (fp32)
-    w_block = receiver_linear_params // max(group, 1)
-    if grad_checkpoint:
-        # every student block's input is kept; one block at a time is recomputed with its activations and attention
-        # matrices (scores, probabilities and their gradients); W_eff is not kept, so the fused weights' temporaries
-        # (4 x out x in) exist for one layer at a time
-        training = 20 * trainable + group * tokens * hidden * 4 + tokens * per_tok + 4 * att + 16 * largest_linear
-    else:
+    w_block = receiver_linear_params // max(group, 1)  # one block's linears, out x in summed
+
+    def backward_bytes(blocks: int, ckpt: bool) -> int:
+        """Autograd memory of ``blocks`` trained at once on one mini-batch."""
+        if ckpt:
+            # every student block's input is kept; one block at a time is recomputed with its activations and
+            # attention matrices (scores, probabilities and their gradients); W_eff is not kept, so the fused
+            # weights' temporaries (4 x out x in) exist for one layer at a time
+            return blocks * tokens * hidden * 4 + tokens * per_tok + 4 * att + 16 * largest_linear
         # every block keeps its activations, attention probabilities and W_eff for backward; one block's backward
         # adds three attention-sized gradients, and one layer at a time its weight temporaries (4 x out x in)
-        training = 20 * trainable + group * (tokens * per_tok + att + 4 * w_block) + 3 * att + 16 * largest_linear
+        return blocks * (tokens * per_tok + att + 4 * w_block) + 3 * att + 16 * largest_linear
+
+    training = 20 * trainable + backward_bytes(group, grad_checkpoint)
     final = 0
     final_checkpoint = grad_checkpoint if final_checkpoint is None else final_checkpoint
     if final_blocks:
-        if final_checkpoint:
-            act = final_blocks * tokens * hidden * 4 + tokens * per_tok + 4 * att + 16 * largest_linear
-        else:
-            act = final_blocks * (tokens * per_tok + att + 4 * block_linear_params) + 3 * att + 16 * largest_linear
-        final = 20 * final_trainable + act + n * t * hidden * 4 + 6 * min(512, tokens) * vocab * 4
+        final = (20 * final_trainable + backward_bytes(final_blocks, final_checkpoint) + n * t * hidden * 4
+                 + 6 * min(512, tokens) * vocab * 4)
     return MemoryEstimate(cache=cache, group=n * entry + loaded, training=training, scoring=3 * s * t * hidden * 4,
                           activations_per_token_block=per_tok, grad_checkpoint=grad_checkpoint, final=final,
                           final_checkpoint=bool(final_checkpoint and final_blocks))

@@ -97,7 +97,8 @@ def measure_units(config, cfg, device: torch.device, compute: torch.dtype | None
                   final_checkpoint: bool | None = None) -> dict[str, float]:
     """Seconds of one mini-batch (``cfg.batch_size`` windows of ``cfg.seqlen`` tokens) through one block: plain
     forward, fused forward, and one fused distillation step (forward + backward + Adam) on ``train_batch`` of
-    those windows (default all; a data-parallel rank's share)."""
+    those windows (default all; a data-parallel rank's share). For a run with a final stage (``final_checkpoint``
+    not None: its checkpointing) also one LoRA block's step and the LM head's forward."""
     from .activations import Runner
     from .adapters import get_adapter
     from .distill import get_loss
@@ -115,7 +116,7 @@ def measure_units(config, cfg, device: torch.device, compute: torch.dtype | None
     g = torch.Generator().manual_seed(0)
     x = torch.randn(cfg.batch_size, cfg.seqlen, text.hidden_size, generator=g)
     units = {"block_forward": _median_time(lambda: runner.run([blocks[0]], kinds[:1], x), repeats, device)}
-    if cfg.final_epochs > 0:  # the LM head's forward over a mini-batch, scaled from the block's by their MACs
+    if final_checkpoint is not None:  # the LM head's forward over a mini-batch, scaled from the block's by MACs
         units["head_forward"] = (text.hidden_size * text.vocab_size / ad.block_macs_per_token(blocks[0], cfg.seqlen)
                                  * units["block_forward"])
     inject_donor(ad, blocks[1], [blocks[0]], coef_kind=cfg.coef, coef_rank=cfg.coef_rank,
@@ -140,7 +141,7 @@ def measure_units(config, cfg, device: torch.device, compute: torch.dtype | None
         opt.step()
 
     units["train_step"] = _median_time(step, repeats, device)
-    if cfg.final_epochs > 0 and cfg.lora_rank > 0:  # the final stage trains plain blocks with LoRA + norms
+    if final_checkpoint is not None:  # the final stage trains plain blocks with LoRA + norms
         from .fusion import wrap_block
 
         lora = []
@@ -150,7 +151,7 @@ def measure_units(config, cfg, device: torch.device, compute: torch.dtype | None
         for p in lora:
             p.requires_grad_(True)
         opt2 = torch.optim.Adam(lora, lr=cfg.final_lr, betas=tuple(cfg.betas))
-        runner.grad_checkpoint = grad_checkpoint if final_checkpoint is None else final_checkpoint
+        runner.grad_checkpoint = final_checkpoint
 
         def lora_step():
             out = runner.forward_blocks([blocks[1]], kinds[1:2], xd)
@@ -170,7 +171,7 @@ def plan_run(model_name: str, config, *, device: str | None = None, repeats: int
     from transformers import AutoModelForCausalLM
 
     from .adapters import check_supported, get_adapter
-    from .api import FINAL_STAGE_METHODS, _memory_plan
+    from .api import _memory_plan
     from .config import num_removals
     from .device import choose_compute_dtype, current_rss_bytes, resolve_device
     from .distributed import check_divisible
@@ -189,7 +190,8 @@ def plan_run(model_name: str, config, *, device: str | None = None, repeats: int
     check_divisible(config.batch_size, config.nsamples, nproc)
     # a rank's distillation step runs B / nproc windows
     units = measure_units(info.config, config, dev, compute, mem.grad_checkpoint, repeats,
-                          train_batch=config.batch_size // nproc, final_checkpoint=mem.final_checkpoint)
+                          train_batch=config.batch_size // nproc,
+                          final_checkpoint=mem.final_checkpoint if mem.final else None)
 
     n_b = math.ceil(config.nsamples / config.batch_size)  # mini-batches over the calibration windows
     s_b = math.ceil(config.score_samples / config.batch_size)
@@ -214,7 +216,7 @@ def plan_run(model_name: str, config, *, device: str | None = None, repeats: int
         phases["eval"] += losses * G * s_b * units["fused_forward"]
         phases["train"] += config.epochs * n_b * G * units["train_step"]
         per_step.append(sum(phases.values()) - sum(before.values()))
-    if "lora_step" in units and config.method in FINAL_STAGE_METHODS:
+    if mem.final:  # the memory plan has a final stage exactly when the run does
         F, head = L0 - k, units["head_forward"]
         phases["final"] = (config.final_epochs * n_b * (F * units["lora_step"] + 4 * head)
                            + 2 * s_b * (F * units["block_forward"] + head))

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from ..distill import ParamGroup, TrainSettings, train_group
+from ..distill.losses import head_passes
 from ..fusion import FusedLinear, merge_fused_linears, wrap_block
 from ..nll import next_token_loss
 from ..options import option, register_options
@@ -65,7 +66,8 @@ def lora_heal(job: Job, *, epochs: int | None = None, lr: float | None = None, t
                       generator=job.generator, desc=desc, loss_fn=lm_loss if teacher is None else None)
     job.flops["train"] += 3 * 2 * (runner.macs - m0)
     # the LM head: the student's forward + backward, and with a teacher the teacher's logits (its forward)
-    job.flops["train"] += 2.0 * (4 if teacher is not None else 3) * res.tokens * ad.head_macs_per_token()
+    passes = head_passes("logit-kl") if teacher is not None else 3  # cross-entropy: the student's head only
+    job.flops["train"] += 2.0 * passes * res.tokens * ad.head_macs_per_token()
     for b in blocks:
         merge_fused_linears(b)
     assert not any(isinstance(m, FusedLinear) for m in ad.model.modules())
