@@ -16,8 +16,8 @@ step, as `fusegpt.methods.fusegpt` runs it (docs/METHOD.md, "Plan"):
 - the group loss before and after training: 2 x G fused forwards over S windows (twice when the loss is not MSE);
 - training: epochs x ceil(N / B) steps of G fused blocks (forward, backward and optimizer);
 - the final stage (``--final-epochs``): final_epochs x ceil(N / B) steps of the L - k remaining blocks with LoRA
-  (one LoRA block's step measured), plus the LM head of the logit KL (student forward and backward, teacher
-  forward: 4 head forwards per step, counted as head / block multiply-accumulates x one block's forward), and the
+  (one LoRA block's step measured), plus the LM head of the logit KL (student forward and input gradient, teacher
+  forward: 3 head forwards per step, counted as head / block multiply-accumulates x one block's forward), and the
   calibration NLL before and after (L - k blocks and the head over S windows, twice).
 
 Memory is the formula of ``fusegpt.memory`` on top of a baseline: this process's own resident memory (Python,
@@ -34,6 +34,8 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
+
+from .distill.losses import head_passes
 
 __all__ = ["PlanReport", "plan_run", "format_plan"]
 
@@ -218,7 +220,8 @@ def plan_run(model_name: str, config, *, device: str | None = None, repeats: int
         per_step.append(sum(phases.values()) - sum(before.values()))
     if mem.final:  # the memory plan has a final stage exactly when the run does
         F, head = L0 - k, units["head_forward"]
-        phases["final"] = (config.final_epochs * n_b * (F * units["lora_step"] + 4 * head)
+        passes = head_passes("logit-kl")  # head forwards per trained token of the final stage's loss
+        phases["final"] = (config.final_epochs * n_b * (F * units["lora_step"] + passes * head)
                            + 2 * s_b * (F * units["block_forward"] + head))
         per_step[-1] += phases["final"]
     model_bytes = 0 if config.offload == "disk" else 4 * params

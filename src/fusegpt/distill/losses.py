@@ -52,8 +52,8 @@ def register_loss(name: str, *, head: bool = False, passes: int = 0) -> Callable
 @dataclass
 class LossHead:
     """The frozen end of the model for head losses: ``norm(h)`` = final norm, ``logits(h)`` = final norm + LM head.
-    ``autocast`` is a context factory (the runner's compute dtype); ``chunk`` = tokens per logits chunk (each chunk's
-    [chunk, V] logits are recomputed in backward, so memory holds one chunk, not [B, T, V])."""
+    ``autocast`` is a context factory (the runner's compute dtype); ``chunk`` = tokens per logits chunk (a chunk's
+    [chunk, V] logits are freed once its gradient is known, so memory holds one chunk, not [B, T, V])."""
 
     norm_fn: Callable[[torch.Tensor], torch.Tensor]
     logits_fn: Callable[[torch.Tensor], torch.Tensor]
@@ -122,19 +122,50 @@ def _kl_chunk(s: torch.Tensor, t: torch.Tensor, logits_fn, compute) -> torch.Ten
     return F.kl_div(F.log_softmax(ls.float(), -1), F.log_softmax(lt.float(), -1), reduction="sum", log_target=True)
 
 
-@register_loss("logit-kl", head=True, passes=4)  # student forward + backward (3), teacher forward (1)
+class _HeadKL(torch.autograd.Function):
+    """Summed logit KL whose gradient is computed in the forward pass, one chunk of tokens at a time (the way fused
+    linear-cross-entropy kernels do it): d KL / d student logits = softmax(student) - softmax(teacher) is known as
+    soon as both distributions are, so each chunk's [chunk, V] logits are freed at once and never recomputed.
+    Backward only scales the stored [tokens, H] gradient. The head's own parameters get no gradient (it is frozen)."""
+
+    @staticmethod
+    def forward(ctx, s, t, logits_fn, compute, chunk):
+        total = torch.zeros((), dtype=torch.float32, device=s.device)
+        grad = torch.empty_like(s)
+        for i in range(0, s.shape[0], chunk):
+            sc = s[i : i + chunk].detach().requires_grad_(True)
+            with torch.enable_grad(), compute():
+                ls = logits_fn(sc)
+            with torch.no_grad():
+                with compute():
+                    lt = logits_fn(t[i : i + chunk])
+                log_ps, log_pt = F.log_softmax(ls.float(), -1), F.log_softmax(lt.float(), -1)
+                del lt
+                total += F.kl_div(log_ps, log_pt, reduction="sum", log_target=True)
+                d = log_ps.exp_().sub_(log_pt.exp_())  # softmax(s) - softmax(t), in place
+                del log_pt
+            (grad[i : i + chunk],) = torch.autograd.grad(ls, sc, d.to(ls.dtype))
+        ctx.save_for_backward(grad)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        (grad,) = ctx.saved_tensors
+        return grad * grad_out.to(grad.dtype), None, None, None, None
+
+
+@register_loss("logit-kl", head=True, passes=3)  # student forward + input gradient (2), teacher forward (1)
 def logit_kl(student: torch.Tensor, teacher: torch.Tensor, head: LossHead) -> torch.Tensor:
     """KL(teacher || student) of the next-token distributions through the frozen final norm + LM head, mean over
-    tokens. Chunked over tokens with recomputation, so the [tokens, V] logits of one chunk are held at a time."""
+    tokens. Chunked over tokens, with the gradient computed in the forward pass when the student needs one, so the
+    [tokens, V] logits of one chunk are held at a time and the head runs 3 times per token, not 4."""
     s = student.reshape(-1, student.shape[-1])
     t = teacher.reshape(-1, teacher.shape[-1])
+    if torch.is_grad_enabled() and s.requires_grad:
+        return _HeadKL.apply(s, t.detach(), head.logits_fn, head.autocast, head.chunk) / s.shape[0]
     total = s.new_zeros((), dtype=torch.float32)
     for i in range(0, s.shape[0], head.chunk):
-        args = (s[i : i + head.chunk], t[i : i + head.chunk], head.logits_fn, head.autocast)
-        if torch.is_grad_enabled() and s.requires_grad:
-            total = total + torch.utils.checkpoint.checkpoint(_kl_chunk, *args, use_reentrant=False)
-        else:
-            total = total + _kl_chunk(*args)
+        total = total + _kl_chunk(s[i : i + head.chunk], t[i : i + head.chunk], head.logits_fn, head.autocast)
     return total / s.shape[0]
 
 
@@ -153,7 +184,7 @@ def get_loss(name: str, head: LossHead | None = None) -> Callable[[torch.Tensor,
 
 def head_passes(name: str, aux: str | None = None, aux_weight: float = 0.0) -> int:
     """LM-head forward-pass equivalents per trained token of ``name`` (+ ``aux`` when weighted): what a training
-    step spends in the head besides the blocks (logit-kl: 4; hidden-state losses: 0)."""
+    step spends in the head besides the blocks (logit-kl: 3; hidden-state losses: 0)."""
     return _HEAD_PASSES.get(name, 0) + (_HEAD_PASSES.get(aux, 0) if aux and aux_weight else 0)
 
 
