@@ -115,10 +115,34 @@ def test_fused_linear_backward_equals_autograd(kind, bias, lora, donors, save_we
     assert torch.autograd.gradcheck(f, (x, *fl.parameters()))
 
 
-def test_fused_linear_frozen_parts_get_no_gradient_and_autocast_matches():
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("save_weight", [True, False])
+def test_fused_linear_lora_only_on_a_frozen_linear_equals_autograd(bias, save_weight):
+    """LoRA without donors on a frozen base (the final stage): the rank-r backward gives autograd's gradients for
+    the input and both LoRA factors (float64), gradcheck agrees, and the base gets none."""
+    from fusegpt.fusion.math import fused_linear
+
+    fl = _perturbed("lowrank", bias=bias, lora=3, donors=0)
+    fl.checkpoint = not save_weight
+    x = torch.randn(2, 3, 7, dtype=torch.float64, requires_grad=True)
+    upstream = torch.randn(2, 3, 5, dtype=torch.float64)
+    params = [x, fl.lora_A, fl.lora_B]
+    got = torch.autograd.grad((fl(x) * upstream).sum(), params)
+    want = torch.autograd.grad((_reference_forward(fl, x) * upstream).sum(), params)
+    for gg, ww in zip(got, want):
+        torch.testing.assert_close(gg, ww, rtol=1e-10, atol=1e-10)
+    assert fl.weight.grad is None and not fl.weight.requires_grad
+
+    def f(x, lb, la):
+        return fused_linear(x, fl.weight, fl.bias, (lb, la), [], save_weight=save_weight)
+    assert torch.autograd.gradcheck(f, (x, fl.lora_B, fl.lora_A))
+
+
+@pytest.mark.parametrize("donors", [1, 0])
+def test_fused_linear_frozen_parts_get_no_gradient_and_autocast_matches(donors):
     """Frozen base weight: no gradient is formed for it; under bf16 autocast the output and gradients follow what
-    autograd through F.linear gives (same dtype, bf16 tolerance)."""
-    fl = _perturbed("lowrank", bias=True, lora=2, donors=1, dtype=torch.float32)
+    autograd through F.linear gives (same dtype, bf16 tolerance), with donors and with LoRA alone."""
+    fl = _perturbed("lowrank", bias=True, lora=2, donors=donors, dtype=torch.float32)
     fl.weight.requires_grad_(False)
     fl.bias.requires_grad_(False)
     x = torch.randn(4, 7)

@@ -162,6 +162,17 @@ class _FusedLinearFn(torch.autograd.Function):
         weight = None
         g2 = g.reshape(-1, g.shape[-1])
         grads: list[torch.Tensor | None] = [None] * len(ts)
+        if lora is not None and not donors and not need[0] and (b is None or not need[1]):
+            # LoRA alone on a frozen linear (the final stage, heal-lora): the factors' gradients through the rank-r
+            # products, dB = g^T (x A^T) and dA = (g B)^T x, instead of the [out, in] gradient G = g^T x
+            lb, la = lora
+            x2 = xc.reshape(-1, xc.shape[-1])
+            ilb = 2 if b is not None else 1
+            if need[ilb]:
+                grads[ilb] = (g2.t() @ (x2 @ la.t().to(cdt))).to(lb.dtype)
+            if need[ilb + 1]:
+                grads[ilb + 1] = ((g2 @ lb.to(cdt)).t() @ x2).to(la.dtype)
+            return (gx, None, None, *grads)
         i = 0
 
         def take(n):  # positions of the next n tensors in ``ts``
