@@ -291,7 +291,7 @@ def test_flop_count_includes_the_lm_head_of_head_losses():
 def test_final_stage_decides_its_checkpointing_on_its_own_memory(monkeypatch):
     """--grad-checkpoint auto: the final stage trains every remaining block at once, so its saving is weighed on
     its own; with a threshold between the group's and the final stage's savings only the final stage checkpoints."""
-    from fusegpt import api
+    from fusegpt import api, memory
     from fusegpt.memory import estimate_memory
     from fusegpt.methods import heal
 
@@ -303,7 +303,8 @@ def test_final_stage_decides_its_checkpointing_on_its_own_memory(monkeypatch):
     off, on = estimate_memory(**kw, grad_checkpoint=False), estimate_memory(**kw, grad_checkpoint=True)
     group_saving, final_saving = off.training - on.training, off.final - on.final
     assert 0 < group_saving < final_saving
-    monkeypatch.setattr(api, "AUTO_CHECKPOINT_BYTES", (group_saving + final_saving) // 2)
+    monkeypatch.setattr(memory, "AUTO_CHECKPOINT_BYTES", (group_saving + final_saving) // 2)
+    monkeypatch.setattr(api, "available_memory_bytes", lambda device: 1)  # memory is short
     seen = []
     real = heal.train_group
 
@@ -316,6 +317,34 @@ def test_final_stage_decides_its_checkpointing_on_its_own_memory(monkeypatch):
     assert seen == [True]  # the final stage checkpointed ...
     bound = rep.memory["bound_over_baseline"]
     assert bound["grad_checkpoint"] is False and bound["final_checkpoint"] is True  # ... the group loop did not
+
+
+def test_auto_checkpointing_spends_time_only_where_memory_is_short(monkeypatch):
+    """--grad-checkpoint auto: a saving above the threshold checkpoints only when the phase would otherwise take
+    more than half the memory available; where availability cannot be read, the saving alone decides."""
+    from fusegpt import api, memory
+    from fusegpt.memory import auto_checkpoint
+
+    big = memory.AUTO_CHECKPOINT_BYTES + 1
+    assert not auto_checkpoint(memory.AUTO_CHECKPOINT_BYTES, 10**12, 1)  # saves too little
+    assert auto_checkpoint(big, 10**10, None)
+    assert not auto_checkpoint(big, 10**10, 2 * 10**10 + 2)  # fits in half of what is free
+    assert auto_checkpoint(big, 10**10, 2 * 10**10 - 2)
+    cfg = _cfg(final_epochs=1, target="dense")
+    monkeypatch.setattr(memory, "AUTO_CHECKPOINT_BYTES", 0)
+    plans = {}
+    for name, avail in (("short", 1), ("plenty", 1 << 50), ("unknown", None)):
+        monkeypatch.setattr(api, "available_memory_bytes", lambda device, a=avail: a)
+        rep = compress(tiny_model("llama", 6), cfg, calib_ids=random_ids(8, 16))
+        plans[name] = rep.memory["bound_over_baseline"]
+    assert plans["short"]["grad_checkpoint"] and plans["short"]["final_checkpoint"]
+    assert not plans["plenty"]["grad_checkpoint"] and not plans["plenty"]["final_checkpoint"]
+    assert plans["unknown"]["grad_checkpoint"] and plans["unknown"]["final_checkpoint"]
+    # data-parallel CPU ranks share the host; weights not loaded yet (the plan) are taken off
+    monkeypatch.setattr(api, "available_memory_bytes", lambda device: 10 << 30)
+    assert api.available_for_run(torch.device("cpu"), loading=1 << 30, nproc=2) == 4 << 30
+    monkeypatch.setattr(api, "available_memory_bytes", lambda device: None)
+    assert api.available_for_run(torch.device("cpu")) is None
 
 
 # ---- joint one-shot (the paper's) ------------------------------------------------------------------------------

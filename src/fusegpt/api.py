@@ -19,6 +19,7 @@ from .config import CompressConfig, ConfigError, num_removals
 from .data import check_window_count, heldout_starts, load_text, sample_starts, tokenize_text
 from .device import (
     auto_dtype_override,
+    available_memory_bytes,
     choose_compute_dtype,
     current_rss_bytes,
     heap_trimming,
@@ -28,7 +29,7 @@ from .device import (
     resolve_device,
 )
 from .fusion.math import master_dtype
-from .memory import AUTO_CHECKPOINT_BYTES, MemoryEstimate, estimate_memory, lora_params, trainable_params
+from .memory import MemoryEstimate, auto_checkpoint, estimate_memory, lora_params, trainable_params
 from .methods import Job, StepReport, get_method, method_info
 from .methods.fusegpt import dense_target_count
 from .models import ModelInfo, inspect_model
@@ -152,7 +153,7 @@ def _prepare_job(model, config: CompressConfig, *, tokenizer=None, calib_ids: to
                               batch_size=config.batch_size, compute_dtype=compute)
     params_before = sum(p.numel() for p in model.parameters())
     k = num_removals(config, L0)
-    plan = _memory_plan(adapter, config, compute)
+    plan = _memory_plan(adapter, config, compute, available_for_run(device))
     runner.grad_checkpoint = plan.grad_checkpoint
     runner.store = store
     baseline = current_rss_bytes()
@@ -246,8 +247,23 @@ def _move_materialized(model, device: torch.device) -> None:
             set_module_tensor_to_device(model, name, device)
 
 
-def _memory_plan(adapter, config: CompressConfig, compute: torch.dtype | None) -> MemoryEstimate:
-    """The memory formula (fusegpt.memory) for this model and config; decides --grad-checkpoint auto."""
+def available_for_run(device: torch.device, *, loading: int = 0, nproc: int | None = None) -> int | None:
+    """Memory one rank's run can still take on ``device`` (``loading`` bytes of weights not yet loaded taken off);
+    data-parallel ranks on the CPU share the host's (``nproc``, default the process group's size)."""
+    avail = available_memory_bytes(device)
+    if avail is None:
+        return None
+    if device.type == "cpu":
+        if nproc is None:
+            nproc = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+        avail //= max(1, nproc)
+    return max(0, avail - loading)
+
+
+def _memory_plan(adapter, config: CompressConfig, compute: torch.dtype | None,
+                 available: int | None = None) -> MemoryEstimate:
+    """The memory formula (fusegpt.memory) for this model and config; decides --grad-checkpoint auto (with
+    ``available`` bytes of memory left for the run besides the model; None: on the saving alone)."""
     block = adapter.blocks[0]
     lins = [(m.out_features, m.in_features, m.bias is not None) for m in adapter.block_linears(block).values()]
     norms = sum(p.numel() for n, p in block.named_parameters() if "norm" in n)
@@ -267,13 +283,14 @@ def _memory_plan(adapter, config: CompressConfig, compute: torch.dtype | None) -
               **_final_stage_sizes(adapter, config, lins, norms))
     off = estimate_memory(**kw, grad_checkpoint=False)
     with_ckpt = estimate_memory(**kw, grad_checkpoint=True)
-    # auto: checkpoint when it saves more than 1 GiB (activations, attention matrices and the fused weights'
-    # temporaries of every student block; the last dominate on large models), decided for the group loop and for the
-    # final stage (every remaining block at once) each on its own memory
-    on = config.grad_checkpoint == "on" or (
-        config.grad_checkpoint == "auto" and off.training - with_ckpt.training > AUTO_CHECKPOINT_BYTES)
-    final_on = config.grad_checkpoint == "on" or (
-        config.grad_checkpoint == "auto" and off.final - with_ckpt.final > AUTO_CHECKPOINT_BYTES)
+    # auto: checkpoint a phase when it saves more than 1 GiB (activations, attention matrices and the fused weights'
+    # temporaries of every student block; the last dominate on large models) and the phase would otherwise take more
+    # than half the memory available: decided for the group loop and for the final stage (every remaining block at
+    # once) each on its own memory
+    on = config.grad_checkpoint == "on" or (config.grad_checkpoint == "auto" and auto_checkpoint(
+        off.training - with_ckpt.training, off.cache + off.group + off.training, available))
+    final_on = config.grad_checkpoint == "on" or (config.grad_checkpoint == "auto" and auto_checkpoint(
+        off.final - with_ckpt.final, off.cache + off.final, available))
     plan = estimate_memory(**kw, grad_checkpoint=on, final_checkpoint=final_on)
     plan.inputs = {**kw, "grad_checkpoint": on, "final_checkpoint": final_on}
     log.info("memory plan: %.2f GiB over the baseline (cache %.2f, group %.2f, training %.2f%s); gradient "

@@ -282,8 +282,8 @@ _CONFIG_FLAGS = [
     ("--offload", str, "where cached activations wait: cpu (RAM, default) or disk (files in a work folder in --out)"),
     ("--cache-entries", int, "activation-cache entries kept per cache, >= 3 (default 4; 0 = all, unbounded)"),
     ("--cache-dtype", str, "storage dtype of cached activations: auto (= compute dtype, default) or fp32"),
-    ("--grad-checkpoint", str, "recompute block forwards in backward: auto (on when that saves more than 1 GiB), "
-                               "on or off"),
+    ("--grad-checkpoint", str, "recompute block forwards in backward: auto (on when that saves more than 1 GiB and "
+                               "memory is short: the phase would take over half the available), on or off"),
 ]
 _COMPARE_SKIP = ("--method", "--sparsity", "--remove")
 

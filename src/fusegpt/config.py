@@ -123,8 +123,9 @@ class CompressConfig:
     offload: Literal["cpu", "disk"] = "cpu"
     cache_entries: int = 4
     cache_dtype: Literal["auto", "fp32"] = "auto"
-    # recompute each student block's forward in backward: on, off, or auto (on when that saves more than 1 GiB of
-    # training memory by the formula; same arithmetic, ~1 extra forward per step)
+    # recompute each student block's forward in backward: on, off, or auto (on for a phase when that saves more than
+    # 1 GiB by the formula and the phase would otherwise take over half the available memory; same arithmetic,
+    # ~1 extra forward per step)
     grad_checkpoint: Literal["auto", "on", "off"] = "auto"
     preset: str | None = None
 

@@ -167,6 +167,26 @@ def current_rss_bytes() -> int:
         return 0
 
 
+def available_memory_bytes(device: torch.device) -> int | None:
+    """Memory a run can still take on ``device``: free accelerator memory (CUDA), or the kernel's MemAvailable
+    (Linux /proc/meminfo) on the CPU; None where it cannot be read."""
+    if device.type == "cuda":
+        try:
+            return int(torch.cuda.mem_get_info(device)[0])
+        except (RuntimeError, AssertionError):
+            return None
+    if device.type != "cpu":
+        return None
+    try:
+        with open("/proc/meminfo") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
 def reset_peak_memory(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)

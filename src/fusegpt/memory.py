@@ -34,11 +34,23 @@ from dataclasses import asdict, dataclass
 
 __all__ = [
     "MemoryEstimate", "estimate_memory", "activation_bytes_per_token", "trainable_params", "lora_params",
-    "AUTO_CHECKPOINT_BYTES",
+    "AUTO_CHECKPOINT_BYTES", "AUTO_CHECKPOINT_FRACTION", "auto_checkpoint",
 ]
 
-# --grad-checkpoint auto switches it on when it would save more than this much memory
+# --grad-checkpoint auto switches it on for a phase when it would save more than AUTO_CHECKPOINT_BYTES and the
+# phase's memory without it (with the caches) would take more than AUTO_CHECKPOINT_FRACTION of the memory available
+# at the start (free device memory, or the host's MemAvailable; where that cannot be read, the saving alone decides)
 AUTO_CHECKPOINT_BYTES = 1 << 30
+AUTO_CHECKPOINT_FRACTION = 0.5
+
+
+def auto_checkpoint(saving: int, need: int, available: int | None) -> bool:
+    """--grad-checkpoint auto for one phase: recompute forwards (about one more forward per step) only when that
+    saves more than AUTO_CHECKPOINT_BYTES and the phase without it (``need`` bytes over the baseline) would take more
+    than AUTO_CHECKPOINT_FRACTION of the ``available`` memory: time is spent for memory only where memory is short."""
+    if saving <= AUTO_CHECKPOINT_BYTES:
+        return False
+    return available is None or need > AUTO_CHECKPOINT_FRACTION * available
 
 
 def lora_params(linears: list[tuple[int, ...]], rank: int) -> int:

@@ -173,9 +173,9 @@ def plan_run(model_name: str, config, *, device: str | None = None, repeats: int
     from transformers import AutoModelForCausalLM
 
     from .adapters import check_supported, get_adapter
-    from .api import _memory_plan
+    from .api import _memory_plan, available_for_run
     from .config import num_removals
-    from .device import choose_compute_dtype, current_rss_bytes, resolve_device
+    from .device import choose_compute_dtype, current_rss_bytes, parse_dtype, resolve_device
     from .distributed import check_divisible
     from .models import inspect_model
 
@@ -188,7 +188,9 @@ def plan_run(model_name: str, config, *, device: str | None = None, repeats: int
     with torch.device("meta"):
         skeleton = AutoModelForCausalLM.from_config(info.config)
     params = sum(p.numel() for p in skeleton.parameters())
-    mem = _memory_plan(get_adapter(skeleton), config, compute)
+    # the weights are not loaded yet: what --grad-checkpoint auto weighs is what is left once they are
+    loading = 0 if config.offload == "disk" else params * parse_dtype(config.dtype).itemsize
+    mem = _memory_plan(get_adapter(skeleton), config, compute, available_for_run(dev, loading=loading, nproc=nproc))
     check_divisible(config.batch_size, config.nsamples, nproc)
     # a rank's distillation step runs B / nproc windows
     units = measure_units(info.config, config, dev, compute, mem.grad_checkpoint, repeats,
