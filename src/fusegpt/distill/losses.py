@@ -114,37 +114,40 @@ def mse_norm(student: torch.Tensor, teacher: torch.Tensor, head: LossHead) -> to
     return F.mse_loss(head.norm(student).float(), t)
 
 
-def _kl_chunk(s: torch.Tensor, t: torch.Tensor, logits_fn, compute) -> torch.Tensor:
-    with compute():
-        ls = logits_fn(s)
-    with torch.no_grad(), compute():
-        lt = logits_fn(t)
-    return F.kl_div(F.log_softmax(ls.float(), -1), F.log_softmax(lt.float(), -1), reduction="sum", log_target=True)
+def _chunked_kl(s: torch.Tensor, t: torch.Tensor, logits_fn, compute, chunk: int,
+                grad: torch.Tensor | None = None) -> torch.Tensor:
+    """Summed KL(teacher || student) of the next-token distributions of [tokens, H] ``s`` / ``t``, ``chunk`` tokens
+    at a time. With ``grad`` ([tokens, H], written in place) also d KL / d s, from d KL / d student logits =
+    softmax(student) - softmax(teacher), known as soon as both distributions are: each chunk's [chunk, V] logits
+    are freed at once and never recomputed."""
+    total = torch.zeros((), dtype=torch.float32, device=s.device)
+    for i in range(0, s.shape[0], chunk):
+        sc = s[i : i + chunk].detach().requires_grad_(grad is not None)
+        with torch.set_grad_enabled(grad is not None), compute():
+            ls = logits_fn(sc)
+        with torch.no_grad():
+            with compute():
+                lt = logits_fn(t[i : i + chunk])
+            log_ps, log_pt = F.log_softmax(ls.float(), -1), F.log_softmax(lt.float(), -1)
+            del lt
+            total += F.kl_div(log_ps, log_pt, reduction="sum", log_target=True)
+            if grad is None:
+                continue
+            d = log_ps.exp_().sub_(log_pt.exp_())  # softmax(s) - softmax(t), in place
+            del log_pt
+        (grad[i : i + chunk],) = torch.autograd.grad(ls, sc, d.to(ls.dtype))
+    return total
 
 
 class _HeadKL(torch.autograd.Function):
-    """Summed logit KL whose gradient is computed in the forward pass, one chunk of tokens at a time (the way fused
-    linear-cross-entropy kernels do it): d KL / d student logits = softmax(student) - softmax(teacher) is known as
-    soon as both distributions are, so each chunk's [chunk, V] logits are freed at once and never recomputed.
-    Backward only scales the stored [tokens, H] gradient. The head's own parameters get no gradient (it is frozen)."""
+    """Summed logit KL whose gradient is computed in the forward pass (:func:`_chunked_kl`, the way fused
+    linear-cross-entropy kernels do it); backward only scales the stored [tokens, H] gradient. The head's own
+    parameters get no gradient (it is frozen)."""
 
     @staticmethod
     def forward(ctx, s, t, logits_fn, compute, chunk):
-        total = torch.zeros((), dtype=torch.float32, device=s.device)
         grad = torch.empty_like(s)
-        for i in range(0, s.shape[0], chunk):
-            sc = s[i : i + chunk].detach().requires_grad_(True)
-            with torch.enable_grad(), compute():
-                ls = logits_fn(sc)
-            with torch.no_grad():
-                with compute():
-                    lt = logits_fn(t[i : i + chunk])
-                log_ps, log_pt = F.log_softmax(ls.float(), -1), F.log_softmax(lt.float(), -1)
-                del lt
-                total += F.kl_div(log_ps, log_pt, reduction="sum", log_target=True)
-                d = log_ps.exp_().sub_(log_pt.exp_())  # softmax(s) - softmax(t), in place
-                del log_pt
-            (grad[i : i + chunk],) = torch.autograd.grad(ls, sc, d.to(ls.dtype))
+        total = _chunked_kl(s, t, logits_fn, compute, chunk, grad)
         ctx.save_for_backward(grad)
         return total
 
@@ -160,12 +163,11 @@ def logit_kl(student: torch.Tensor, teacher: torch.Tensor, head: LossHead) -> to
     tokens. Chunked over tokens, with the gradient computed in the forward pass when the student needs one, so the
     [tokens, V] logits of one chunk are held at a time and the head runs 3 times per token, not 4."""
     s = student.reshape(-1, student.shape[-1])
-    t = teacher.reshape(-1, teacher.shape[-1])
+    t = teacher.reshape(-1, teacher.shape[-1]).detach()
     if torch.is_grad_enabled() and s.requires_grad:
-        return _HeadKL.apply(s, t.detach(), head.logits_fn, head.autocast, head.chunk) / s.shape[0]
-    total = s.new_zeros((), dtype=torch.float32)
-    for i in range(0, s.shape[0], head.chunk):
-        total = total + _kl_chunk(s[i : i + head.chunk], t[i : i + head.chunk], head.logits_fn, head.autocast)
+        total = _HeadKL.apply(s, t, head.logits_fn, head.autocast, head.chunk)
+    else:
+        total = _chunked_kl(s, t, head.logits_fn, head.autocast, head.chunk)
     return total / s.shape[0]
 
 

@@ -65,8 +65,7 @@ def lora_heal(job: Job, *, epochs: int | None = None, lr: float | None = None, t
     res = train_group(runner, blocks, kinds, x, ids if teacher is None else teacher, groups, settings,
                       generator=job.generator, desc=desc, loss_fn=lm_loss if teacher is None else None)
     job.flops["train"] += 3 * 2 * (runner.macs - m0)
-    # the LM head: the student's forward + backward, and with a teacher the teacher's logits (its forward)
-    # cross-entropy: the student's head only (forward + input gradient; the head is frozen)
+    # the LM head (frozen): with a teacher the logit KL's passes; cross-entropy: the student's forward + input gradient
     passes = head_passes("logit-kl") if teacher is not None else 2
     job.flops["train"] += 2.0 * passes * res.tokens * ad.head_macs_per_token()
     for b in blocks:
