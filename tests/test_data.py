@@ -69,3 +69,20 @@ def test_split_windows():
     assert split_windows(torch.arange(100), 16, 2).shape == (2, 16)
     with pytest.raises(DataSourceError):
         split_windows(torch.arange(10), 16, None)
+
+
+def test_final_stage_windows_come_after_the_calibration_and_leave_the_heldout_alone(tiny_folder):
+    from transformers import AutoTokenizer
+
+    from fusegpt.api import calibration_windows
+    from fusegpt.config import CompressConfig
+
+    tok = AutoTokenizer.from_pretrained(tiny_folder)
+    base = CompressConfig(remove=1, nsamples=8, seqlen=32, final_epochs=1)
+    more = CompressConfig(remove=1, nsamples=8, seqlen=32, final_epochs=1, final_nsamples=12)
+    a, b = calibration_windows(tok, base, heldout=4), calibration_windows(tok, more, heldout=4)
+    assert a.shape == (12, 32) and b.shape == (16, 32)
+    assert torch.equal(a[:8], b[:8]) and torch.equal(a[8:], b[12:])  # calibration and held-out rows unchanged
+    assert not torch.equal(b[8:12], a[8:12])
+    no_stage = CompressConfig(remove=1, nsamples=8, seqlen=32, final_epochs=0, final_nsamples=12)
+    assert torch.equal(calibration_windows(tok, no_stage), a[:8])  # no final stage: no extra windows

@@ -72,6 +72,14 @@ def test_plan_counts_the_dense_target_and_the_final_stage(gemma_folder):
     assert rep.seconds_per_step[-1] > rep.phases["final"]
     # its memory: the formula's final-stage term (all remaining blocks train at once)
     assert rep.memory["final"] > 0 and cur.memory["final"] == 0
+    # --final-nsamples 16: 4 mini-batches per final epoch; the 8 extra windows' dense targets (L0 forwards each)
+    own = plan_run(str(gemma_folder), _cfg(target="dense", final_epochs=2, lora_rank=4, final_nsamples=16),
+                   device="cpu", repeats=1)
+    v = own.timings
+    assert own.phases["teacher"] == pytest.approx(6 * 4 * v["block_forward"])
+    assert own.phases["final"] == pytest.approx(2 * 4 * (4 * v["lora_step"] + 3 * v["head_forward"])
+                                                + 2 * (4 * v["block_forward"] + v["head_forward"]))
+    assert own.memory["final"] > rep.memory["final"]  # its windows and their targets
 
 
 def test_plan_counts_the_search_of_search_methods(gemma_folder):

@@ -374,3 +374,37 @@ def test_joint_mode_fuses_all_at_once_and_distils_each_span_once(monkeypatch):
     assert set(rep.removed) == set(sorted(first, key=first.get)[:3])  # removed span by span, front to back
     assert len(calls) == len({tuple(s.extra["joint_span"]) for s in rep.steps})
     assert sum(s.train_steps for s in rep.steps) == 4 * len(calls)
+
+
+def test_final_stage_trains_on_its_own_windows(monkeypatch):
+    """--final-nsamples: the group stage keeps its --nsamples windows (same removals and group losses), the final
+    stage trains on those plus the extra rows, against the dense model's final hidden states of all of them."""
+    from fusegpt.methods import heal
+
+    ids = random_ids(12, 16)
+    seen = {}
+    real = heal.lora_heal
+
+    def spy(job, **kw):
+        seen[len(seen)] = (kw.get("ids"), kw["teacher"].clone())
+        return real(job, **kw)
+
+    monkeypatch.setattr(heal, "lora_heal", spy)
+    base = compress(tiny_model("llama", 6), _cfg(final_epochs=1, nsamples=8, target="dense"), calib_ids=ids)
+    own = compress(tiny_model("llama", 6), _cfg(final_epochs=1, nsamples=8, final_nsamples=12, target="dense"),
+                   calib_ids=ids)
+    compress(tiny_model("llama", 6), _cfg(final_epochs=1, nsamples=12, target="dense", epochs=0),
+             calib_ids=ids)
+    assert base.removed == own.removed
+    for a, b in zip(base.steps, own.steps):  # the group stage did not change
+        assert (a.loss_before, a.loss_after) == (b.loss_before, b.loss_after)
+    assert seen[0][0] is None and seen[2][0] is None  # the group stage's windows
+    assert torch.equal(seen[1][0], ids[:12])
+    assert base.steps[-1].extra["final"]["steps"] == 2 and own.steps[-1].extra["final"]["steps"] == 3
+    # the teacher of the 12 windows: the dense model's last hidden states, as a run on all 12 computes them
+    assert seen[1][1].shape == seen[2][1].shape == (12, 16, 64)
+    torch.testing.assert_close(seen[1][1], seen[2][1])
+    with pytest.raises(ValueError, match="final-nsamples"):  # too few rows for the extra windows
+        compress(tiny_model("llama", 6), _cfg(final_epochs=1, nsamples=8, final_nsamples=16), calib_ids=ids)
+    with pytest.raises(ConfigError, match="final-nsamples"):
+        _cfg(final_nsamples=-1).validate()

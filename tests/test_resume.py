@@ -47,9 +47,10 @@ def _killed_run(model, out, args, threads):
 @pytest.mark.parametrize("mode", [["--mode", "iterative", "--no-consolidate"], ["--mode", "oneshot", "--consolidate"],
                                   ["--mode", "iterative", "--offload", "disk"],
                                   ["--mode", "iterative", "--target", "dense", "--fold-norms"],
-                                  ["--mode", "joint", "--blocks", "0,3,5", "--group-size", "1", "--target", "dense"]],
+                                  ["--mode", "joint", "--blocks", "0,3,5", "--group-size", "1", "--target", "dense"],
+                                  ["--mode", "oneshot", "--final-epochs", "1", "--final-nsamples", "12"]],
                          ids=["iterative-fused-state", "oneshot-consolidated", "iterative-disk-offload",
-                              "iterative-dense-target", "joint-spans"])
+                              "iterative-dense-target", "joint-spans", "final-stage-own-windows"])
 def test_sigkill_during_step_2_then_resume_equals_uninterrupted(tiny_folder, tmp_path, mode):
     threads = torch.get_num_threads()  # the same arithmetic in the subprocess and here
     args = [*SMALL, *mode]

@@ -86,7 +86,8 @@ def preflight(model_name: str, config: CompressConfig) -> ModelInfo:
     config.validate(info.num_blocks, info.max_positions)
     _check_data_parallel(config)
     ids = tokenize_text(info.tokenizer, load_text(config.calib))
-    check_window_count(ids.numel(), config.nsamples, config.seqlen, f"calibration source {config.calib!r}")
+    check_window_count(ids.numel(), config.nsamples + final_extra_windows(config), config.seqlen,
+                       f"calibration source {config.calib!r}")
     heldout = method_info(config.method).heldout
     if heldout is not None:  # the held-out windows must fit next to the calibration windows
         g = torch.Generator().manual_seed(config.seed)
@@ -103,16 +104,26 @@ def _check_data_parallel(config: CompressConfig) -> None:
         check_divisible(config.batch_size, config.nsamples)
 
 
+def final_extra_windows(config: CompressConfig) -> int:
+    """Calibration windows the final stage trains on beyond the group stage's ``nsamples`` (``--final-nsamples``;
+    0 without a final stage)."""
+    if config.final_epochs <= 0 or config.method not in FINAL_STAGE_METHODS:
+        return 0
+    return max(0, config.final_nsamples - config.nsamples)
+
+
 def calibration_windows(tokenizer, cfg: CompressConfig, heldout: int = 0) -> torch.Tensor:
-    """[nsamples, seqlen] seeded random windows of the calibration source; with ``heldout`` > 0, that many more
-    rows after them, windows that share no token with the first ``nsamples`` (a search's fitness windows). The
-    first ``nsamples`` rows are the same whatever ``heldout`` is."""
+    """[nsamples, seqlen] seeded random windows of the calibration source; then the final stage's extra windows
+    (``--final-nsamples`` beyond ``nsamples``, random like the first); then, with ``heldout`` > 0, that many rows of
+    windows that share no token with the first ``nsamples`` (a search's fitness windows). The first ``nsamples`` rows
+    are the same whatever the others are, and so are the held-out windows whatever the extra ones are."""
     ids = tokenize_text(tokenizer, load_text(cfg.calib))
     g = torch.Generator().manual_seed(cfg.seed)
     starts = sample_starts(ids.numel(), cfg.nsamples, cfg.seqlen, g)
-    if heldout > 0:
-        starts += heldout_starts(ids.numel(), heldout, cfg.seqlen, g, starts)
-    return torch.stack([ids[s : s + cfg.seqlen] for s in starts])
+    held = heldout_starts(ids.numel(), heldout, cfg.seqlen, g, starts) if heldout > 0 else []
+    extra = final_extra_windows(cfg)
+    more = sample_starts(ids.numel(), extra, cfg.seqlen, g) if extra else []
+    return torch.stack([ids[s : s + cfg.seqlen] for s in starts + more + held])
 
 
 def _prepare_job(model, config: CompressConfig, *, tokenizer=None, calib_ids: torch.Tensor | None = None,
@@ -129,8 +140,12 @@ def _prepare_job(model, config: CompressConfig, *, tokenizer=None, calib_ids: to
         if tokenizer is None:
             raise ValueError("compress and search need a tokenizer or calib_ids")
         calib_ids = calibration_windows(tokenizer, config, heldout=heldout)
-    if calib_ids.shape[0] < config.nsamples or calib_ids.shape[1] != config.seqlen:
-        raise ValueError(f"calib_ids must be [>= {config.nsamples}, {config.seqlen}], got {tuple(calib_ids.shape)}")
+    extra = final_extra_windows(config)
+    rows = config.nsamples + extra + heldout
+    if calib_ids.shape[0] < rows or calib_ids.shape[1] != config.seqlen:
+        raise ValueError(f"calib_ids must be [>= {rows}, {config.seqlen}] (--nsamples {config.nsamples}, then "
+                         f"{extra} more for --final-nsamples, then {heldout} held-out), got {tuple(calib_ids.shape)}; "
+                         "api.calibration_windows(tokenizer, config, heldout) draws them")
     device = resolve_device(config.device)
     offloaded = any(p.is_meta for p in model.parameters())
     if offloaded and store is None:
@@ -160,7 +175,8 @@ def _prepare_job(model, config: CompressConfig, *, tokenizer=None, calib_ids: to
     job = Job(adapter=adapter, runner=runner, config=config, calib_ids=calib_ids[: config.nsamples],
               generator=torch.Generator().manual_seed(config.seed), num_removals=k, on_step=on_step,
               memory_plan=plan,
-              heldout_ids=calib_ids[config.nsamples : config.nsamples + heldout] if heldout else None)
+              heldout_ids=calib_ids[config.nsamples + extra : rows] if heldout else None,
+              final_ids=_final_ids(config, calib_ids))
     return job, {"device": device, "compute": compute, "peak": peak, "num_blocks": L0,
                  "params_before": params_before, "baseline": baseline}
 
@@ -304,6 +320,16 @@ def _memory_plan(adapter, config: CompressConfig, compute: torch.dtype | None,
 FINAL_STAGE_METHODS = ("fusegpt", "fusegpt-global", "fusegpt-evo")
 
 
+def _final_ids(config: CompressConfig, calib_ids: torch.Tensor) -> torch.Tensor | None:
+    """The final stage's windows when ``--final-nsamples`` differs from ``--nsamples`` (None: the same windows):
+    the first ``final_nsamples`` rows, i.e. the group stage's windows and the extra ones drawn after them."""
+    if config.final_epochs <= 0 or config.method not in FINAL_STAGE_METHODS:
+        return None
+    if config.final_nsamples in (0, config.nsamples):
+        return None
+    return calib_ids[: config.final_nsamples]
+
+
 def _final_stage_sizes(adapter, config: CompressConfig, lins: list[tuple[int, int, bool]],
                        norms: int) -> dict[str, int]:
     """The sizes the memory formula needs for the final stage (none when the run has none): ``lins`` / ``norms``
@@ -312,7 +338,7 @@ def _final_stage_sizes(adapter, config: CompressConfig, lins: list[tuple[int, in
         return {}
     f = adapter.num_blocks - num_removals(config, adapter.num_blocks)
     return {"final_blocks": f, "final_trainable": f * (lora_params(lins, config.lora_rank) + norms),
-            "vocab": adapter.model.lm_head.out_features}
+            "vocab": adapter.model.lm_head.out_features, "final_windows": config.final_nsamples or config.nsamples}
 
 
 def run_settings(config: CompressConfig, calib_ids: torch.Tensor, num_blocks: int, compute: torch.dtype | None,

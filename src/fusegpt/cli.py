@@ -259,9 +259,11 @@ _CONFIG_FLAGS = [
     ("--target", str, "distillation target: dense (the original model's hidden state, cached before the first "
                       "removal; cpu preset) or current (the pruned model's group output; paper preset)"),
     ("--final-epochs", int, "after the last fusion, distil the whole model's next-token distributions against the "
-                            "dense model's for this many epochs (LoRA + norms on every block; cpu preset 3, "
+                            "dense model's for this many epochs (LoRA + norms on every block; cpu preset 2, "
                             "paper preset 0 = off)"),
     ("--final-lr", float, "learning rate of the final stage (cpu preset 1e-3)"),
+    ("--final-nsamples", int, "calibration windows of the final stage (default 0 = the --nsamples windows; more "
+                              "adds windows after those)"),
     ("--warmup", float, "linear lr warm-up over this fraction of each distillation's steps (default 0)"),
     ("--clip-grad", float, "clip the gradient norm of the trained parameters (default 0 = off)"),
     ("--epochs", int, "distillation epochs per removal"),

@@ -85,6 +85,9 @@ class CompressConfig:
     # against the dense model's (logit-kl), LoRA (lora_rank) + norms on every block, on the same calibration windows
     final_epochs: int = 0
     final_lr: float = 1e-3
+    # windows the final stage trains on: 0 = the group stage's --nsamples windows; more draws the extra windows
+    # after those (the group stage's windows stay the same), so each final epoch sees more distinct text
+    final_nsamples: int = 0
     # merge every receiving layer into a plain linear after its step (later steps inject the merged weights and
     # no longer train earlier coefficients); False = the reference, which keeps every coefficient trainable
     consolidate: bool = True
@@ -169,6 +172,8 @@ class CompressConfig:
         need(self.final_epochs == 0 or self.lora_rank >= 1,
              "--final-epochs needs --lora-rank >= 1 (LoRA on every block)")
         need(self.final_lr >= 0, f"--final-lr must be >= 0, got {self.final_lr}")
+        need(self.final_nsamples >= 0,
+             f"--final-nsamples must be >= 0 (0 = the --nsamples windows), got {self.final_nsamples}")
         need(self.final_epochs == 0 or self.offload != "disk",
              "--final-epochs trains every block at once, which --offload disk cannot stream; drop one of the two")
         need(0 <= self.warmup < 1, f"--warmup is a fraction of the steps in [0, 1), got {self.warmup}")

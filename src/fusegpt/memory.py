@@ -24,7 +24,8 @@ MLP width I), the group (G receivers, mini-batch B) and the cache policy (R resi
 - the final stage (``--final-epochs``, after the last fusion): every one of the F remaining blocks trains at once
   (LoRA + norms, 20 bytes per trainable parameter as above), so its autograd memory is the training term's with F
   blocks instead of G (activations, attention matrices and W_eff = W + B A per block, or with checkpointing the
-  inputs of F blocks and one block's rest), plus the embedded calibration windows (N x T x H x 4) and one chunk of
+  inputs of F blocks and one block's rest), plus its embedded windows (N_f x T x H x 4, N_f = ``--final-nsamples``
+  or N; beyond N also their dense targets, (N_f - N) x T x H x b_cache) and one chunk of
   the logit-KL (512 tokens x V: student and teacher logits, their log-softmax and the gradient, 6 x 512 x V x 4).
 """
 
@@ -115,7 +116,7 @@ def estimate_memory(
     cache_entries: int | None, cache_bytes: int, offload: str, trainable: int, receiver_linear_params: int,
     largest_linear: int, grad_checkpoint: bool, calib_resident: int | None = None, score_resident: int | None = None,
     block_bytes: int = 0, targets: int = 0, final_blocks: int = 0, final_trainable: int = 0, vocab: int = 0,
-    final_checkpoint: bool | None = None,
+    final_checkpoint: bool | None = None, final_windows: int = 0,
 ) -> MemoryEstimate:
     """The formula of the module docstring.
 
@@ -125,7 +126,8 @@ def estimate_memory(
     in summed over the receivers' linears; ``heads``: attention heads (SDPA on the CPU materialises the T x T
     scores and probabilities of a block, and their gradients in backward). The final stage: ``final_blocks`` (F,
     0 = none), ``final_trainable`` (its trainable parameters over all F blocks), ``vocab``; ``final_checkpoint``:
-    gradient checkpointing in the final stage (default: as ``grad_checkpoint``)."""
+    gradient checkpointing in the final stage (default: as ``grad_checkpoint``); ``final_windows``: its windows
+    (0 = n; more also holds their dense targets beside the D boundaries)."""
     entry = t * hidden * cache_bytes
     r = cache_entries or 1
     rc = r if calib_resident is None else calib_resident
@@ -154,8 +156,9 @@ def estimate_memory(
     final = 0
     final_checkpoint = grad_checkpoint if final_checkpoint is None else final_checkpoint
     if final_blocks:
-        final = (20 * final_trainable + backward_bytes(final_blocks, final_checkpoint) + n * t * hidden * 4
-                 + 6 * min(512, tokens) * vocab * 4)
+        nf = final_windows or n
+        final = (20 * final_trainable + backward_bytes(final_blocks, final_checkpoint) + nf * t * hidden * 4
+                 + max(nf - n, 0) * entry + 6 * min(512, tokens) * vocab * 4)
     return MemoryEstimate(cache=cache, group=n * entry + loaded, training=training, scoring=3 * s * t * hidden * 4,
                           activations_per_token_block=per_tok, grad_checkpoint=grad_checkpoint, final=final,
                           final_checkpoint=bool(final_checkpoint and final_blocks))

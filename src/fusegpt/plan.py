@@ -15,7 +15,8 @@ step, as `fusegpt.methods.fusegpt` runs it (docs/METHOD.md, "Plan"):
   forwards over N windows once, before the first removal);
 - the group loss before and after training: 2 x G fused forwards over S windows (twice when the loss is not MSE);
 - training: epochs x ceil(N / B) steps of G fused blocks (forward, backward and optimizer);
-- the final stage (``--final-epochs``): final_epochs x ceil(N / B) steps of the L - k remaining blocks with LoRA
+- the final stage (``--final-epochs``): final_epochs x ceil(N_f / B) steps (N_f = ``--final-nsamples`` or N; the
+  dense targets of its windows beyond N: L forwards each, counted as teacher) of the L - k remaining blocks with LoRA
   (one LoRA block's step measured), plus the LM head of the logit KL (student forward and input gradient, teacher
   forward: 3 head forwards per step, counted as head / block multiply-accumulates x one block's forward), and the
   calibration NLL before and after (L - k blocks and the head over S windows, twice).
@@ -223,7 +224,9 @@ def plan_run(model_name: str, config, *, device: str | None = None, repeats: int
     if mem.final:  # the memory plan has a final stage exactly when the run does
         F, head = L0 - k, units["head_forward"]
         passes = head_passes("logit-kl")  # head forwards per trained token of the final stage's loss
-        phases["final"] = (config.final_epochs * n_b * (F * units["lora_step"] + passes * head)
+        n_f = math.ceil((config.final_nsamples or config.nsamples) / config.batch_size)  # its mini-batches
+        phases["teacher"] += L0 * max(n_f - n_b, 0) * units["block_forward"]  # its extra windows' dense targets
+        phases["final"] = (config.final_epochs * n_f * (F * units["lora_step"] + passes * head)
                            + 2 * s_b * (F * units["block_forward"] + head))
         per_step[-1] += phases["final"]
     model_bytes = 0 if config.offload == "disk" else 4 * params

@@ -80,6 +80,8 @@ class Job:
     memory_predicted: dict | None = None  # the largest per-step prediction (with the entries really resident)
     # windows that share no token with calib_ids, for methods that measure candidates on unseen text (searches)
     heldout_ids: torch.Tensor | None = None
+    # the final stage's windows when --final-nsamples differs from --nsamples (None: calib_ids)
+    final_ids: torch.Tensor | None = None
     quiet: bool = False  # no progress bars, step messages at DEBUG (the cheap fusions inside a search)
 
     def __post_init__(self) -> None:

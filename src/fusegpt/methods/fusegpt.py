@@ -188,6 +188,10 @@ def dense_target_count(config, num_blocks: int) -> int:
     return min(num_removals(config, num_blocks) + final, num_blocks) if fixed else num_blocks
 
 
+# the key of the final stage's dense targets in the target store when it has its own windows (--final-nsamples)
+FINAL_TARGET = -1
+
+
 def _wants_dense(config) -> bool:
     """Does the run need the dense model's hidden states (as group targets, or for the final stage)?"""
     return config.target == "dense" or config.final_epochs > 0
@@ -213,10 +217,19 @@ def ensure_dense_targets(job: Job, boundaries: list[int] | None, *, final: bool 
     wanted = []
     if job.config.target == "dense":
         wanted = list(boundaries) if boundaries is not None else list(range(1, L + 1))
-    wanted = sorted(set(wanted) | ({L} if final else set()))
+    own = final and job.final_ids is not None  # the final stage's windows differ from the group stage's
+    wanted = sorted(set(wanted) | ({L} if final and not own else set()))
     cache, store = job.cache("calib", job.calib_ids), job.target_store()
     for b in wanted:
         store.put(b, cache.get(b))
+    if own:  # its own windows: the cached rows they share with the calibration windows, the extra ones run here
+        n = min(job.final_ids.shape[0], job.calib_ids.shape[0])
+        parts = [cache.get(L)[:n]]
+        if job.final_ids.shape[0] > n:
+            runner = job.runner
+            parts.append(runner.run_model_blocks(runner.embed(job.final_ids[n:])).to(parts[0].dtype))
+        store.put(FINAL_TARGET, torch.cat(parts))
+        wanted.append(FINAL_TARGET)
     job.state.targets = store
     log.log(_info(job), "dense targets cached at %d boundaries: %s", len(wanted), wanted)
     if job.checkpoint is not None:
@@ -478,8 +491,10 @@ def final_stage(job: Job) -> None:
     if job.memory_plan is not None and job.memory_plan.final:
         runner.grad_checkpoint = job.memory_plan.final_checkpoint
     try:
-        res = lora_heal(job, epochs=cfg.final_epochs, lr=cfg.final_lr, teacher=job.state.targets.get(L0),
-                        desc="final distillation (logit KL vs dense)")
+        own = FINAL_TARGET in job.state.targets.keys()  # --final-nsamples: its own windows and their targets
+        res = lora_heal(job, epochs=cfg.final_epochs, lr=cfg.final_lr,
+                        teacher=job.state.targets.get(FINAL_TARGET if own else L0),
+                        ids=job.final_ids if own else None, desc="final distillation (logit KL vs dense)")
     finally:
         runner.grad_checkpoint = group_ckpt
     last = job.state.steps[-1]

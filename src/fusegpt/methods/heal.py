@@ -28,20 +28,20 @@ log = logging.getLogger(__name__)
 __all__ = ["run_heal_lora", "lora_heal"]
 
 
-def lora_heal(job: Job, *, epochs: int | None = None, lr: float | None = None, teacher=None,
+def lora_heal(job: Job, *, epochs: int | None = None, lr: float | None = None, teacher=None, ids=None,
               desc: str = "LoRA healing") -> dict:
     """LoRA fine-tuning of every block of ``job.model`` on the calibration sequences (in place, merged).
 
     Without ``teacher`` the loss is the next-token cross-entropy; with ``teacher`` ([N, T, H], the dense model's
     final hidden states of the same sequences) it is the KL of the next-token distributions against the dense
     model's (``logit-kl`` through the frozen final norm and head: end-to-end distillation). The norms train too
-    when distilling. ``epochs`` / ``lr`` default to the config's."""
+    when distilling. ``epochs`` / ``lr`` default to the config's; ``ids`` ([N, T]) to the calibration windows."""
     cfg, ad, runner = job.config, job.adapter, job.runner
     if cfg.lora_rank < 1:
         raise ValueError("LoRA healing / the final distillation needs --lora-rank >= 1")
     epochs = cfg.epochs if epochs is None else epochs
     lr = cfg.lr if lr is None else lr
-    ids = job.calib_ids
+    ids = job.calib_ids if ids is None else ids
     t = time.perf_counter()
     x = runner.embed(ids)
     score_ids, score_x = ids[: cfg.score_samples], x[: cfg.score_samples]
