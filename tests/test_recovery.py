@@ -408,3 +408,20 @@ def test_final_stage_trains_on_its_own_windows(monkeypatch):
         compress(tiny_model("llama", 6), _cfg(final_epochs=1, nsamples=8, final_nsamples=16), calib_ids=ids)
     with pytest.raises(ConfigError, match="final-nsamples"):
         _cfg(final_nsamples=-1).validate()
+
+
+def test_group_losses_share_one_forward(monkeypatch):
+    """The report's loss and MSE of a group come from one forward per mini-batch, equal to separate calls."""
+    from fusegpt.distill import group_loss
+
+    model = tiny_model("llama", 3)
+    ad = get_adapter(model)
+    runner = Runner.for_model(ad, 16, device=CPU, batch_size=4)
+    blocks, kinds = list(ad.blocks)[:2], ad.block_kinds()[:2]
+    x, y = torch.randn(8, 16, 64), torch.randn(8, 16, 64)
+    alone = [group_loss(runner, blocks, kinds, x, y, name) for name in ("nmse", "mse")]
+    calls = []
+    real = runner.forward_blocks
+    monkeypatch.setattr(runner, "forward_blocks", lambda *a, **k: calls.append(1) or real(*a, **k))
+    both = group_loss(runner, blocks, kinds, x, y, ["nmse", "mse"])
+    assert both == pytest.approx(alone, rel=1e-6) and len(calls) == 2  # 8 windows in batches of 4

@@ -13,7 +13,8 @@ step, as `fusegpt.methods.fusegpt` runs it (docs/METHOD.md, "Plan"):
   ceil(L / (R - 1)) - 1 blocks back, half that on average;
 - the teacher: G + 1 plain block forwards over N windows (``--target dense``: instead, the dense model's L block
   forwards over N windows once, before the first removal);
-- the group loss before and after training: 2 x G fused forwards over S windows (twice when the loss is not MSE);
+- the group loss before and after training: 2 x G fused forwards over S windows (the configured loss and the MSE
+  from the same forward);
 - training: epochs x ceil(N / B) steps of G fused blocks (forward, backward and optimizer);
 - the final stage (``--final-epochs``): final_epochs x ceil(N_f / B) steps (N_f = ``--final-nsamples`` or N; the
   dense targets of its windows beyond N: L forwards each, counted as teacher) of the L - k remaining blocks with LoRA
@@ -202,7 +203,7 @@ def plan_run(model_name: str, config, *, device: str | None = None, repeats: int
     s_b = math.ceil(config.score_samples / config.batch_size)
     G = config.group_size
     R = config.cache_entries or None
-    losses = 2 if config.loss == "mse" else 4
+    losses = 2  # before and after training (the loss and the MSE from one forward)
     phases = {"scoring": 0.0, "group_input": 0.0, "teacher": 0.0, "eval": 0.0, "train": 0.0}
     per_step = []
     for step in range(k):
@@ -285,7 +286,7 @@ def _search_seconds(config, units: dict[str, float], L: int, k: int, s_b: int, p
     fb = math.ceil(min(o.fuse_samples, config.nsamples) / B)
     sb = math.ceil(min(config.score_samples, o.fuse_samples) / B)
     G = config.group_size
-    losses = 2 if config.loss == "mse" else 4
+    losses = 2  # before and after training (the loss and the MSE from one forward)
     fuse = k * (o.fuse_epochs * fb * G * units["train_step"] + (G + 1) * fb * units["block_forward"]
                 + losses * G * sb * units["fused_forward"] + (L - G) / 2 * fb * units["block_forward"])
     candidates = 1 + o.generations * o.offspring

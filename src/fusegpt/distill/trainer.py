@@ -64,17 +64,22 @@ class TrainResult:
 
 @torch.no_grad()
 def group_loss(runner: Runner, blocks: Sequence[nn.Module], kinds: Sequence[str], inputs: torch.Tensor,
-               targets: torch.Tensor, loss: str) -> float:
-    """Mean loss of the group on [N, T, H] inputs vs. targets (no gradients), mini-batched."""
-    fn = get_loss(loss, LossHead.for_runner(runner))
-    total, n = 0.0, 0
+               targets: torch.Tensor, loss: str | Sequence[str]) -> float | list[float]:
+    """Mean loss of the group on [N, T, H] inputs vs. targets (no gradients), mini-batched. A list of loss names
+    returns one mean per name, all from the same forward passes."""
+    names = [loss] if isinstance(loss, str) else list(loss)
+    head = LossHead.for_runner(runner)
+    fns = [get_loss(name, head) for name in names]
+    totals, n = [0.0] * len(fns), 0
     for s in range(0, inputs.shape[0], runner.batch_size):
         x = inputs[s : s + runner.batch_size].to(runner.device)
         y = targets[s : s + runner.batch_size].to(runner.device)
         out = runner.forward_blocks(blocks, kinds, x)
-        total += float(fn(out, y)) * x.shape[0]
+        for i, fn in enumerate(fns):
+            totals[i] += float(fn(out, y)) * x.shape[0]
         n += x.shape[0]
-    return total / max(n, 1)
+    means = [t / max(n, 1) for t in totals]
+    return means[0] if isinstance(loss, str) else means
 
 
 def train_group(

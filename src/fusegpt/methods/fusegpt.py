@@ -83,8 +83,10 @@ def _group_losses(job: Job, blocks: list[nn.Module], kinds: list[str], x: torch.
     """(configured loss, MSE) of the group on x vs y, counted as evaluation FLOPs."""
     loss = job.config.loss
     with job.measure("eval", sec):
-        value = group_loss(job.runner, blocks, kinds, x, y, loss)
-        mse = group_loss(job.runner, blocks, kinds, x, y, "mse") if loss != "mse" else value
+        if loss == "mse":
+            value = mse = group_loss(job.runner, blocks, kinds, x, y, loss)
+        else:  # both from one forward of the group
+            value, mse = group_loss(job.runner, blocks, kinds, x, y, [loss, "mse"])
     return value, mse
 
 
