@@ -425,3 +425,43 @@ def test_group_losses_share_one_forward(monkeypatch):
     monkeypatch.setattr(runner, "forward_blocks", lambda *a, **k: calls.append(1) or real(*a, **k))
     both = group_loss(runner, blocks, kinds, x, y, ["nmse", "mse"])
     assert both == pytest.approx(alone, rel=1e-6) and len(calls) == 2  # 8 windows in batches of 4
+
+
+@pytest.mark.parametrize("train", ["coef+lora", "lora-alone"])
+def test_counted_training_flops_match_the_executed_matmuls(train):
+    """The FLOPs a training step counts (6 x the runner's forward MACs, fused weights' products included; for LoRA
+    alone on a frozen base the forward's B A once and the rank-r backward) equal what torch's FLOP counter sees in
+    the matmuls and attention the step runs."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from fusegpt.distill import ParamGroup, TrainSettings, train_group
+    from fusegpt.fusion import FusedLinear, wrap_block
+
+    torch.manual_seed(0)
+    model = tiny_model("llama", 3)
+    ad = get_adapter(model)
+    runner = Runner.for_model(ad, 16, device=CPU, batch_size=4)
+    blocks, kinds = list(ad.blocks), ad.block_kinds()
+    if train == "coef+lora":
+        inject_donor(ad, blocks[1], [blocks[0], blocks[2]], coef_kind="lowrank", coef_rank=4, lora_rank=4)
+        student, skinds = [blocks[0], blocks[2]], [kinds[0], kinds[2]]
+        fls = [m for b in student for m in b.modules() if isinstance(m, FusedLinear)]
+        params = [p for m in fls for p in m.coefficient_parameters() + m.lora_parameters()]
+    else:
+        student, skinds = blocks, kinds
+        fls = [m for b in blocks for m in wrap_block(ad, b, lora_rank=4).values()]
+        params = [p for m in fls for p in m.lora_parameters()]
+    x, y = torch.randn(4, 16, 64), torch.randn(4, 16, 64)
+    m0, w0 = runner.macs, runner.weight_macs
+    with FlopCounterMode(display=False) as fc:
+        res = train_group(runner, student, skinds, x, y, [ParamGroup("p", params, 1e-3)],
+                          TrainSettings(epochs=1, batch_size=4, loss="mse"))
+    dm, dw = runner.macs - m0, runner.weight_macs - w0
+    assert dw > 0 and res.steps == 1
+    if train == "coef+lora":
+        counted = 6 * dm
+    else:
+        from fusegpt.methods.heal import lora_training_flops
+
+        counted = lora_training_flops(ad, student, dm, dw, res.tokens)
+    assert counted == pytest.approx(fc.get_total_flops(), rel=0.02)

@@ -46,7 +46,9 @@ class Runner:
     batch_size: int = 8
     compute_dtype: torch.dtype | None = None
     grad_checkpoint: bool = False  # recompute each block's forward in backward (see forward_blocks)
-    macs: float = 0.0  # forward multiply-accumulates run so far (block linears + attention)
+    macs: float = 0.0  # forward multiply-accumulates run so far (block linears + attention + weight_macs)
+    # of which forming fused weights (FusedLinear.weight_macs: B A and C_B C_A, out x in x rank, once per call)
+    weight_macs: float = 0.0
     store: Any = None  # an offload.BlockStore when blocks live off the compute device (loaded while used)
 
     def resident(self, blocks: Sequence[nn.Module], *, save: Sequence[nn.Module] = ()):
@@ -58,6 +60,11 @@ class Runner:
 
     def _count(self, block: nn.Module, hidden: torch.Tensor) -> None:
         self.macs += hidden.shape[0] * hidden.shape[1] * self.adapter.block_macs_per_token(block, hidden.shape[1])
+        # a fused block's forward also forms its effective weights (the same products again in backward, twice:
+        # the gradients of both factors, so forward + backward is 3x this, like the tokens' products)
+        w = sum(m.weight_macs() for m in block.modules() if hasattr(m, "weight_macs"))
+        self.macs += w
+        self.weight_macs += w
 
     @classmethod
     def for_model(

@@ -142,6 +142,19 @@ class FusedLinear(nn.Module):
                   for c, d, db in self.donors()]
         return fused_linear(x, self.weight, self.bias, lora, donors, save_weight=not self.checkpoint)
 
+    def weight_macs(self) -> int:
+        """Multiply-accumulates one forward spends forming W_eff besides the tokens' x W_eff^T: out x in x rank for
+        B A and for each low-rank coefficient C_B C_A (0 when neither is there)."""
+        ranks = (self.lora_A.shape[0] if self.lora_A is not None else 0) + sum(
+            c.coef_A.shape[0] for c in self.coefs if c.kind == "lowrank")
+        return self.out_features * self.in_features * ranks
+
+    def lora_token_macs(self) -> int:
+        """Multiply-accumulates per token of the rank-r products LoRA's backward runs when it trains alone on a
+        frozen base (fusion.math: dB = g^T (x A^T), dA = (g B)^T x): 2 x r x (in + out)."""
+        r = self.lora_A.shape[0] if self.lora_A is not None else 0
+        return 2 * r * (self.in_features + self.out_features)
+
     # ---- parameter groups ---------------------------------------------------------------------------------
     def coefficient_parameters(self) -> list[nn.Parameter]:
         return list(self.coefs.parameters())

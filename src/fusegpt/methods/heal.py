@@ -61,10 +61,10 @@ def lora_heal(job: Job, *, epochs: int | None = None, lr: float | None = None, t
                              weight_decay=cfg.weight_decay, shuffle=cfg.shuffle, warmup=cfg.warmup,
                              clip_grad=cfg.clip_grad)
     groups = [ParamGroup("lora", lora, lr)] + ([ParamGroup("norm", norms, lr)] if norms else [])
-    m0 = runner.macs
+    m0, w0 = runner.macs, runner.weight_macs
     res = train_group(runner, blocks, kinds, x, ids if teacher is None else teacher, groups, settings,
                       generator=job.generator, desc=desc, loss_fn=lm_loss if teacher is None else None)
-    job.flops["train"] += 3 * 2 * (runner.macs - m0)
+    job.flops["train"] += lora_training_flops(ad, blocks, runner.macs - m0, runner.weight_macs - w0, res.tokens)
     # the LM head (frozen): with a teacher the logit KL's passes; cross-entropy: the student's forward + input gradient
     passes = head_passes("logit-kl") if teacher is not None else 2
     job.flops["train"] += 2.0 * passes * res.tokens * ad.head_macs_per_token()
@@ -76,6 +76,17 @@ def lora_heal(job: Job, *, epochs: int | None = None, lr: float | None = None, t
     return {"seconds": time.perf_counter() - t, "nll_before": before, "nll_after": after,
             "epoch_losses": res.epoch_losses, "steps": res.steps, "nonfinite": res.nonfinite,
             "restored": res.restored}
+
+
+def lora_training_flops(adapter, blocks, macs: float, weight_macs: float, tokens: int) -> float:
+    """FLOPs of training LoRA alone on frozen ``blocks`` over ``tokens`` tokens whose forward the runner counted as
+    ``macs`` (of which ``weight_macs`` formed W_eff = W + B A): the linears' token products twice (forward and
+    the input gradient; the frozen base has no weight gradient), attention three times (its backward is twice its
+    forward), W_eff once (forward only), and LoRA's rank-r backward products (FusedLinear.lora_token_macs)."""
+    linear = tokens * sum(m.in_features * m.out_features for b in blocks for m in adapter.block_linears(b).values())
+    attention = macs - weight_macs - linear
+    lora = sum(m.lora_token_macs() for b in blocks for m in b.modules() if isinstance(m, FusedLinear))
+    return 2.0 * (2 * linear + 3 * attention + weight_macs + tokens * lora)
 
 
 def _removal_methods() -> list[str]:
