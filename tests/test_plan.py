@@ -45,6 +45,9 @@ def test_plan_counts_the_loop_step_by_step(gemma_folder):
     assert two.phases["scoring"] == pytest.approx((6 + 6 * 5 / 2 / 2) * per_fwd(two))
     with pytest.raises(ValueError, match="multiples"):
         plan_run(str(gemma_folder), _cfg(), device="cpu", repeats=1, nproc=3)
+    with pytest.raises(ValueError, match="--final-nsamples"):  # the final stage's windows split evenly too
+        plan_run(str(gemma_folder), _cfg(batch_size=2, final_epochs=1, final_nsamples=9, lora_rank=4),
+                 device="cpu", repeats=1, nproc=2)
     # memory: baseline + the formula, the skeleton's parameters (no weights were loaded)
     assert one.peak_bytes == one.baseline_bytes + one.memory["total"]
     from transformers import AutoConfig, AutoModelForCausalLM

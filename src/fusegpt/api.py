@@ -102,6 +102,8 @@ def _check_data_parallel(config: CompressConfig) -> None:
         from .distributed import check_divisible
 
         check_divisible(config.batch_size, config.nsamples)
+        if config.final_nsamples and config.final_epochs > 0:
+            check_divisible(config.batch_size, config.final_nsamples, what="--final-nsamples")
 
 
 def final_extra_windows(config: CompressConfig) -> int:

@@ -26,7 +26,8 @@ MLP width I), the group (G receivers, mini-batch B) and the cache policy (R resi
   blocks instead of G (activations, attention matrices and W_eff = W + B A per block, or with checkpointing the
   inputs of F blocks and one block's rest), plus its embedded windows (N_f x T x H x 4, N_f = ``--final-nsamples``
   or N; beyond N also their dense targets, (N_f - N) x T x H x b_cache) and one chunk of
-  the logit-KL (512 tokens x V: student and teacher logits, their log-softmax and the gradient, 6 x 512 x V x 4).
+  the logit-KL (``LOGIT_CHUNK`` = 512 tokens x V: student and teacher logits, their log-softmax and the gradient,
+  6 x 512 x V x 4).
 """
 
 from __future__ import annotations
@@ -156,9 +157,11 @@ def estimate_memory(
     final = 0
     final_checkpoint = grad_checkpoint if final_checkpoint is None else final_checkpoint
     if final_blocks:
+        from .distill.losses import LOGIT_CHUNK
+
         nf = final_windows or n
         final = (20 * final_trainable + backward_bytes(final_blocks, final_checkpoint) + nf * t * hidden * 4
-                 + max(nf - n, 0) * entry + 6 * min(512, tokens) * vocab * 4)
+                 + max(nf - n, 0) * entry + 6 * min(LOGIT_CHUNK, tokens) * vocab * 4)
     return MemoryEstimate(cache=cache, group=n * entry + loaded, training=training, scoring=3 * s * t * hidden * 4,
                           activations_per_token_block=per_tok, grad_checkpoint=grad_checkpoint, final=final,
                           final_checkpoint=bool(final_checkpoint and final_blocks))

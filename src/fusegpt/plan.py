@@ -194,6 +194,8 @@ def plan_run(model_name: str, config, *, device: str | None = None, repeats: int
     loading = 0 if config.offload == "disk" else params * parse_dtype(config.dtype).itemsize
     mem = _memory_plan(get_adapter(skeleton), config, compute, available_for_run(dev, loading=loading, nproc=nproc))
     check_divisible(config.batch_size, config.nsamples, nproc)
+    if config.final_nsamples and config.final_epochs > 0:
+        check_divisible(config.batch_size, config.final_nsamples, nproc, what="--final-nsamples")
     # a rank's distillation step runs B / nproc windows
     units = measure_units(info.config, config, dev, compute, mem.grad_checkpoint, repeats,
                           train_batch=config.batch_size // nproc,

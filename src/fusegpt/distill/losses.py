@@ -49,6 +49,10 @@ def register_loss(name: str, *, head: bool = False, passes: int = 0) -> Callable
     return deco
 
 
+# tokens per logits chunk of the head losses (the memory formula's final-stage term holds one chunk of these)
+LOGIT_CHUNK = 512
+
+
 @dataclass
 class LossHead:
     """The frozen end of the model for head losses: ``norm(h)`` = final norm, ``logits(h)`` = final norm + LM head.
@@ -58,7 +62,7 @@ class LossHead:
     norm_fn: Callable[[torch.Tensor], torch.Tensor]
     logits_fn: Callable[[torch.Tensor], torch.Tensor]
     autocast: Callable[[], Any] = contextlib.nullcontext
-    chunk: int = 512
+    chunk: int = LOGIT_CHUNK
 
     @classmethod
     def for_runner(cls, runner) -> "LossHead":
