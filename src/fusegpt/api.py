@@ -106,10 +106,19 @@ def _check_data_parallel(config: CompressConfig) -> None:
             check_divisible(config.batch_size, config.final_nsamples, what="--final-nsamples")
 
 
+# the methods whose runs end with the final stage when --final-epochs > 0
+FINAL_STAGE_METHODS = ("fusegpt", "fusegpt-global", "fusegpt-evo")
+
+
+def has_final_stage(config: CompressConfig) -> bool:
+    """Does this run end with the final stage (``--final-epochs`` > 0 on a method that has one)?"""
+    return config.final_epochs > 0 and config.method in FINAL_STAGE_METHODS
+
+
 def final_extra_windows(config: CompressConfig) -> int:
     """Calibration windows the final stage trains on beyond the group stage's ``nsamples`` (``--final-nsamples``;
     0 without a final stage)."""
-    if config.final_epochs <= 0 or config.method not in FINAL_STAGE_METHODS:
+    if not has_final_stage(config):
         return 0
     return max(0, config.final_nsamples - config.nsamples)
 
@@ -318,16 +327,10 @@ def _memory_plan(adapter, config: CompressConfig, compute: torch.dtype | None,
     return plan
 
 
-# the methods whose runs end with the final stage when --final-epochs > 0
-FINAL_STAGE_METHODS = ("fusegpt", "fusegpt-global", "fusegpt-evo")
-
-
 def _final_ids(config: CompressConfig, calib_ids: torch.Tensor) -> torch.Tensor | None:
     """The final stage's windows when ``--final-nsamples`` differs from ``--nsamples`` (None: the same windows):
     the first ``final_nsamples`` rows, i.e. the group stage's windows and the extra ones drawn after them."""
-    if config.final_epochs <= 0 or config.method not in FINAL_STAGE_METHODS:
-        return None
-    if config.final_nsamples in (0, config.nsamples):
+    if not has_final_stage(config) or config.final_nsamples in (0, config.nsamples):
         return None
     return calib_ids[: config.final_nsamples]
 
@@ -336,7 +339,7 @@ def _final_stage_sizes(adapter, config: CompressConfig, lins: list[tuple[int, in
                        norms: int) -> dict[str, int]:
     """The sizes the memory formula needs for the final stage (none when the run has none): ``lins`` / ``norms``
     are one block's linears and norm parameters, as for the group."""
-    if config.final_epochs <= 0 or config.method not in FINAL_STAGE_METHODS:
+    if not has_final_stage(config):
         return {}
     f = adapter.num_blocks - num_removals(config, adapter.num_blocks)
     return {"final_blocks": f, "final_trainable": f * (lora_params(lins, config.lora_rank) + norms),

@@ -493,10 +493,10 @@ def final_stage(job: Job) -> None:
     if job.memory_plan is not None and job.memory_plan.final:
         runner.grad_checkpoint = job.memory_plan.final_checkpoint
     try:
-        own = FINAL_TARGET in job.state.targets.keys()  # --final-nsamples: its own windows and their targets
+        own = job.final_ids is not None  # --final-nsamples: its own windows, their targets under FINAL_TARGET
         res = lora_heal(job, epochs=cfg.final_epochs, lr=cfg.final_lr,
                         teacher=job.state.targets.get(FINAL_TARGET if own else L0),
-                        ids=job.final_ids if own else None, desc="final distillation (logit KL vs dense)")
+                        ids=job.final_ids, desc="final distillation (logit KL vs dense)")
     finally:
         runner.grad_checkpoint = group_ckpt
     last = job.state.steps[-1]
