@@ -467,3 +467,45 @@ def test_heap_trimming_only_when_on_and_only_on_growth(monkeypatch):
     rss[0] = 9000 << 20
     device.trim_heap()
     assert len(calls) == 2  # off again after the context
+
+
+def test_large_allocations_reused_only_inside_the_context_and_only_when_not_memory_bound(monkeypatch):
+    """reuse_large_allocations(True) stops glibc from mapping large blocks afresh (M_MMAP_MAX 0, no top trimming)
+    and restores the defaults + trims on exit; compress turns it on for runs that are not memory-bound and off
+    for checkpointed ones (where heap_trimming is on instead)."""
+    import fusegpt.api as api
+    from fusegpt import device
+
+    calls = []
+
+    class Lib:
+        def mallopt(self, param, value):
+            calls.append(("mallopt", param, value))
+            return 1
+
+        def malloc_trim(self, pad):
+            calls.append(("trim", pad))
+
+    monkeypatch.setattr(device, "_libc", lambda: Lib())
+    with device.reuse_large_allocations(False) as applied:
+        assert applied is False and calls == []
+    with device.reuse_large_allocations(True) as applied:
+        assert applied is True
+        assert calls == [("mallopt", -4, 0), ("mallopt", -1, 2**31 - 1)]
+        with device.reuse_large_allocations(True):  # nested (an evaluation inside a run): the outer one restores
+            pass
+        assert len(calls) == 2
+    assert calls[2:] == [("mallopt", -4, 65536), ("mallopt", -1, 128 * 1024), ("trim", 0)]
+
+    seen = []
+    real = device.reuse_large_allocations
+
+    def spy(on):
+        seen.append(bool(on))
+        return real(on)
+
+    monkeypatch.setattr(api, "reuse_large_allocations", spy)
+    ids = random_ids(8, 16)
+    for gc in ("off", "on"):
+        compress(tiny_model("llama", 6), _cfg(remove=1, grad_checkpoint=gc, consolidate=False), calib_ids=ids)
+    assert seen == [True, False]

@@ -27,6 +27,7 @@ from .device import (
     peak_memory_bytes,
     reset_peak_memory,
     resolve_device,
+    reuse_large_allocations,
 )
 from .fusion.math import master_dtype
 from .memory import MemoryEstimate, auto_checkpoint, estimate_memory, lora_params, trainable_params
@@ -236,7 +237,10 @@ def compress(
     with contextlib.ExitStack() as stack:
         # memory-bound runs (the ones gradient checkpointing is for, or the memory-first --offload disk) give freed
         # heap pages back between steps; small runs keep their speed
-        stack.enter_context(heap_trimming(plan.grad_checkpoint or config.offload == "disk"))
+        bound = plan.grad_checkpoint or config.offload == "disk"
+        stack.enter_context(heap_trimming(bound))
+        # the others keep large freed blocks (the final stage's logits) for reuse instead of mapping them afresh
+        stack.enter_context(reuse_large_allocations(not bound))
         if config.offload == "disk":
             job.work_dir = Path(checkpoint_dir) if checkpoint_dir is not None else Path(
                 stack.enter_context(tempfile.TemporaryDirectory(prefix="fusegpt-work-")))

@@ -16,6 +16,7 @@ __all__ = [
     "limit_heap_fragmentation",
     "trim_heap",
     "heap_trimming",
+    "reuse_large_allocations",
     "peak_memory_bytes",
     "reset_peak_memory",
     "current_rss_bytes",
@@ -156,6 +157,42 @@ def heap_trimming(on: bool) -> Iterator[None]:
         yield
     finally:
         _TRIM.update(old)
+
+
+# glibc mallopt parameters and the defaults that reuse_large_allocations restores
+_M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4
+_DEFAULT_TRIM_THRESHOLD, _DEFAULT_MMAP_MAX = 128 * 1024, 65536
+_REUSE = {"depth": 0}
+
+
+@contextlib.contextmanager
+def reuse_large_allocations(on: bool) -> Iterator[bool]:
+    """Inside the context, large host allocations come from the heap and go back to it when freed (glibc: no
+    memory maps, no trimming of the heap's top), so the next one reuses pages that are already mapped.
+
+    glibc maps every allocation above its largest mmap threshold (32 MiB) afresh and unmaps it on free, and the
+    kernel zero-fills each 4 KiB page of it at first touch: the final stage's [chunk, V] logits (96 MiB per chunk
+    for SmolLM2's 49k vocabulary, 512 MiB for Gemma-3's 262k) cost one page fault per page, 4-5 times per chunk
+    and step. ``benchmarks/logit_chunk.py`` took 1.66 s per mini-batch that way and 1.06 s with the heap reused
+    (docs/RESULTS.md). The price is memory: freed heap pages stay with the process until the context ends (then
+    they are trimmed), so compress turns this on only for runs that are not memory-bound (the opposite of
+    :func:`heap_trimming`). Yields whether it applies (False off, or where the C library is not glibc)."""
+    lib = _libc() if on else None
+    if lib is None:
+        yield False
+        return
+    if _REUSE["depth"] == 0:
+        lib.mallopt(_M_MMAP_MAX, 0)
+        lib.mallopt(_M_TRIM_THRESHOLD, 2**31 - 1)  # an int: 2 GiB of free top before a trim
+    _REUSE["depth"] += 1
+    try:
+        yield True
+    finally:
+        _REUSE["depth"] -= 1
+        if _REUSE["depth"] == 0:  # the outermost context restores glibc's defaults
+            lib.mallopt(_M_MMAP_MAX, _DEFAULT_MMAP_MAX)
+            lib.mallopt(_M_TRIM_THRESHOLD, _DEFAULT_TRIM_THRESHOLD)
+            lib.malloc_trim(0)
 
 
 def current_rss_bytes() -> int:

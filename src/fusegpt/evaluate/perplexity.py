@@ -16,6 +16,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..data import load_text, split_windows, tokenize_text
+from ..device import reuse_large_allocations
 from ..distributed import all_reduce_sum, rank, world_size
 from ..nll import next_token_nll
 
@@ -111,10 +112,11 @@ def evaluate_perplexity(
         windows = perplexity_windows(tokenizer, source, seqlen, max_windows)
     was_training = model.training
     model.eval()
-    if store is not None:
+    if store is not None:  # the memory-first path: large blocks keep going back to the system
         total, count = nll_sum_by_blocks(model, windows, store, batch_size=batch_size, desc=desc)
     else:
-        total, count = nll_sum(model, windows, batch_size=batch_size, desc=desc)
+        with reuse_large_allocations(True):  # each mini-batch's [B, T, V] logits reuse the last one's pages
+            total, count = nll_sum(model, windows, batch_size=batch_size, desc=desc)
     model.train(was_training)
     nll = total / count
     return PerplexityResult(
