@@ -2,8 +2,8 @@
 
     python benchmarks/matmul.py [--n 2048] [--threads 1,2] [--json out.json]
 
-One uncounted warm-up, median of repeats. bf16 is timed with fewer repeats because CPUs without native bf16
-(no AVX512-BF16/AMX) run it hundreds of times slower than fp32.
+One uncounted warm-up, the fastest of the repeats (the peak). bf16 is timed with fewer repeats because CPUs
+without native bf16 (no AVX512-BF16/AMX) run it many times slower than fp32.
 """
 
 from __future__ import annotations

@@ -174,7 +174,7 @@ def _prepare_job(model, config: CompressConfig, *, tokenizer=None, calib_ids: to
     if compute is None and master_dtype(stored) != stored:
         # half-precision weights compute in their dtype (autocast), so fp32 masters and half weights mix safely
         compute = stored
-    peak = matmul_flops_per_second(device, compute or torch.float32)
+    peak = matmul_flops_per_second(device, compute or torch.float32, repeats=10)
     log.info("compute dtype %s; measured matmul peak %.1f GFLOP/s", compute or torch.float32, peak / 1e9)
     runner = Runner.for_model(adapter, config.seqlen, device=device, offload=torch.device(config.offload_device),
                               batch_size=config.batch_size, compute_dtype=compute)
