@@ -1,0 +1,52 @@
+"""Where a short compress run spends its CPU time: torch.profiler's operator table (self CPU time).
+
+    python benchmarks/profile_compress.py [--model smollm2-135m] [--threads 2] [--rows 25] [key=value ...]
+
+Defaults to a short run of the `cpu` preset (1 removal, 16 calibration windows, 4 scoring windows, one final
+epoch); extra key=value pairs override CompressConfig fields. Profiling slows the run down: read the shares of
+operators, not the seconds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import torch
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--rows", type=int, default=25)
+    ap.add_argument("overrides", nargs="*", help="key=value CompressConfig overrides")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    from torch.profiler import ProfilerActivity, profile
+
+    from fusegpt.api import compress
+    from fusegpt.config import CompressConfig
+    from fusegpt.models import load_model
+
+    values = dict(remove=1, nsamples=16, score_samples=4, final_epochs=1)
+    for item in args.overrides:
+        key, _, raw = item.partition("=")
+        try:
+            values[key.replace("-", "_")] = json.loads(raw)
+        except json.JSONDecodeError:
+            values[key.replace("-", "_")] = raw
+    loaded = load_model(args.model)
+    cfg = CompressConfig.from_preset("cpu", **values)
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        rep = compress(loaded.model, cfg, tokenizer=loaded.tokenizer)
+    phases: dict[str, float] = {}
+    for step in rep.steps:
+        for k, v in step.seconds.items():
+            phases[k] = phases.get(k, 0.0) + v
+    print(f"compress {rep.seconds:.1f} s (profiled); phases: " + ", ".join(f"{k} {v:.1f}" for k, v in phases.items()))
+    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=args.rows))
+
+
+if __name__ == "__main__":
+    main()
