@@ -96,6 +96,8 @@ def main() -> None:
                                "mse_before": s.mse_before, "mse_after": s.mse_after, "seconds": s.seconds}
                               for s in rep.steps],
                        flops_fraction_of_peak=rep.flops_fraction_of_peak, compute_dtype=rep.compute_dtype,
+                       # the counted FLOPs and the peak read at the start: the achieved rate is flops / seconds
+                       flops=rep.flops.get("total"), matmul_peak_flops=rep.matmul_peak_flops,
                        train_steps=sum(s.train_steps for s in rep.steps))
             if rep.steps and "search" in rep.steps[0].extra:
                 row["search"] = rep.steps[0].extra["search"]
