@@ -93,6 +93,8 @@ def set_threads(n: int | None) -> None:
 
 
 _LIBC: list = []
+# glibc mallopt parameters (malloc.h)
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD, _M_MMAP_MAX = -1, -3, -4
 
 
 def _libc():
@@ -119,8 +121,7 @@ def limit_heap_fragmentation(threshold: int = 1 << 20) -> bool:
     ~1.1B-parameter offload benchmark the peak RSS was 0.9 GiB higher for that alone (docs/RESULTS.md). Used by
     ``--offload disk``, the memory-first mode. Returns False where it does not apply (not glibc)."""
     lib = _libc()
-    m_mmap_threshold = -3
-    return lib is not None and bool(lib.mallopt(m_mmap_threshold, int(threshold)))
+    return lib is not None and bool(lib.mallopt(_M_MMAP_THRESHOLD, int(threshold)))
 
 
 _TRIM = {"level": 0, "on": False}
@@ -159,8 +160,7 @@ def heap_trimming(on: bool) -> Iterator[None]:
         _TRIM.update(old)
 
 
-# glibc mallopt parameters and the defaults that reuse_large_allocations restores
-_M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4
+# the defaults that reuse_large_allocations restores
 _DEFAULT_TRIM_THRESHOLD, _DEFAULT_MMAP_MAX = 128 * 1024, 65536
 _REUSE = {"depth": 0}
 
