@@ -10,7 +10,6 @@ operators, not the seconds.
 from __future__ import annotations
 
 import argparse
-import json
 
 import torch
 
@@ -29,13 +28,10 @@ def main() -> None:
     from fusegpt.config import CompressConfig
     from fusegpt.models import load_model
 
+    from ablation import parse_variant  # the sibling script's key=value parser (values as JSON where possible)
+
     values = dict(remove=1, nsamples=16, score_samples=4, final_epochs=1)
-    for item in args.overrides:
-        key, _, raw = item.partition("=")
-        try:
-            values[key.replace("-", "_")] = json.loads(raw)
-        except json.JSONDecodeError:
-            values[key.replace("-", "_")] = raw
+    values.update(parse_variant("profile:" + ",".join(args.overrides))[1])
     loaded = load_model(args.model)
     cfg = CompressConfig.from_preset("cpu", **values)
     with profile(activities=[ProfilerActivity.CPU]) as prof:
