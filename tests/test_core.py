@@ -441,6 +441,11 @@ def test_memory_formula_does_not_depend_on_depth():
     assert f_off.final > f_off.group + f_off.training and f_off.total > est.total
     f_on = estimate_memory(**kw, **fin, grad_checkpoint=True)
     assert f_on.final < f_off.final and est.final == 0
+    # --final-batch-size 1: the final stage's activations and attention for one window per step, the group's as before
+    f_one = estimate_memory(**kw, **fin, grad_checkpoint=False, final_batch=1)
+    assert f_one.training == f_off.training
+    per_block = 3 * 1024 * est.activations_per_token_block + 3 * att // 4  # three windows fewer per block
+    assert f_off.final - f_one.final == 22 * per_block + 3 * 3 * att // 4
 
 
 def test_heap_trimming_only_when_on_and_only_on_growth(monkeypatch):

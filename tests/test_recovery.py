@@ -410,6 +410,22 @@ def test_final_stage_trains_on_its_own_windows(monkeypatch):
         _cfg(final_nsamples=-1).validate()
 
 
+def test_final_batch_size_sets_the_final_stages_steps_only():
+    """--final-batch-size: the final stage takes more, smaller steps on the same windows; the group stage keeps
+    --batch-size (same removals, same group losses); a negative value is refused."""
+    ids = random_ids(8, 16)
+    base = compress(tiny_model("llama", 6), _cfg(final_epochs=1, target="dense"), calib_ids=ids)
+    small = compress(tiny_model("llama", 6), _cfg(final_epochs=1, target="dense", final_batch_size=2),
+                     calib_ids=ids)
+    assert base.removed == small.removed
+    for a, b in zip(base.steps, small.steps):
+        assert (a.loss_before, a.loss_after, a.train_steps) == (b.loss_before, b.loss_after, b.train_steps)
+    assert base.steps[-1].extra["final"]["steps"] == 2 and small.steps[-1].extra["final"]["steps"] == 4
+    assert small.steps[-1].extra["final"]["nll_after"] != base.steps[-1].extra["final"]["nll_after"]
+    with pytest.raises(ConfigError, match="final-batch-size"):
+        _cfg(final_batch_size=-1).validate()
+
+
 def test_group_losses_share_one_forward(monkeypatch):
     """The report's loss and MSE of a group come from one forward per mini-batch, equal to separate calls."""
     from fusegpt.distill import group_loss

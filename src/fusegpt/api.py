@@ -103,8 +103,9 @@ def _check_data_parallel(config: CompressConfig) -> None:
         from .distributed import check_divisible
 
         check_divisible(config.batch_size, config.nsamples)
-        if config.final_nsamples and config.final_epochs > 0:
-            check_divisible(config.batch_size, config.final_nsamples, what="--final-nsamples")
+        if config.final_epochs > 0:
+            check_divisible(config.final_batch, config.final_nsamples or config.nsamples, what="--final-nsamples",
+                            batch_what="--final-batch-size" if config.final_batch_size else "--batch-size")
 
 
 # the methods whose runs end with the final stage when --final-epochs > 0
@@ -347,7 +348,8 @@ def _final_stage_sizes(adapter, config: CompressConfig, lins: list[tuple[int, in
         return {}
     f = adapter.num_blocks - num_removals(config, adapter.num_blocks)
     return {"final_blocks": f, "final_trainable": f * (lora_params(lins, config.lora_rank) + norms),
-            "vocab": adapter.model.lm_head.out_features, "final_windows": config.final_nsamples or config.nsamples}
+            "vocab": adapter.model.lm_head.out_features, "final_windows": config.final_nsamples or config.nsamples,
+            "final_batch": config.final_batch}
 
 
 def run_settings(config: CompressConfig, calib_ids: torch.Tensor, num_blocks: int, compute: torch.dtype | None,

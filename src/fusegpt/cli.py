@@ -264,6 +264,8 @@ _CONFIG_FLAGS = [
     ("--final-lr", float, "learning rate of the final stage (cpu preset 1e-3)"),
     ("--final-nsamples", int, "calibration windows of the final stage (default 0 = the --nsamples windows; more "
                               "adds windows after those)"),
+    ("--final-batch-size", int, "sequences per optimizer step of the final stage (default 0 = --batch-size; "
+                                "fewer = more, smaller steps on the same windows)"),
     ("--warmup", float, "linear lr warm-up over this fraction of each distillation's steps (default 0)"),
     ("--clip-grad", float, "clip the gradient norm of the trained parameters (default 0 = off)"),
     ("--epochs", int, "distillation epochs per removal"),

@@ -88,6 +88,9 @@ class CompressConfig:
     # windows the final stage trains on: 0 = the group stage's --nsamples windows; more draws the extra windows
     # after those (the group stage's windows stay the same), so each final epoch sees more distinct text
     final_nsamples: int = 0
+    # sequences per optimizer step of the final stage: 0 = --batch-size; fewer = more (smaller) steps on the same
+    # windows, which costs little more time where the step is large enough to keep the matmuls efficient
+    final_batch_size: int = 0
     # merge every receiving layer into a plain linear after its step (later steps inject the merged weights and
     # no longer train earlier coefficients); False = the reference, which keeps every coefficient trainable
     consolidate: bool = True
@@ -174,6 +177,8 @@ class CompressConfig:
         need(self.final_lr >= 0, f"--final-lr must be >= 0, got {self.final_lr}")
         need(self.final_nsamples >= 0,
              f"--final-nsamples must be >= 0 (0 = the --nsamples windows), got {self.final_nsamples}")
+        need(self.final_batch_size >= 0,
+             f"--final-batch-size must be >= 0 (0 = --batch-size), got {self.final_batch_size}")
         need(self.final_epochs == 0 or self.offload != "disk",
              "--final-epochs trains every block at once, which --offload disk cannot stream; drop one of the two")
         need(0 <= self.warmup < 1, f"--warmup is a fraction of the steps in [0, 1), got {self.warmup}")
@@ -225,6 +230,11 @@ class CompressConfig:
                 f"--group-size {self.group_size} is larger than the {num_blocks - 1} other blocks of the model",
             )
         return self
+
+    @property
+    def final_batch(self) -> int:
+        """Sequences per optimizer step of the final stage (``--final-batch-size``, else ``--batch-size``)."""
+        return self.final_batch_size or self.batch_size
 
     def method_options(self, group: str):
         """The options dataclass of ``group`` (``laco``, ``heal``, ``global``, ``search``): set values over defaults."""

@@ -85,14 +85,15 @@ def shard(items: Sequence) -> list:
     return list(items)[rank() :: world_size()]
 
 
-def check_divisible(batch_size: int, nsamples: int, n: int | None = None, what: str = "--nsamples") -> None:
-    """Refuse mini-batches that ``n`` processes (default: this run's) cannot split evenly (``what``: the flag that
-    set ``nsamples``)."""
+def check_divisible(batch_size: int, nsamples: int, n: int | None = None, what: str = "--nsamples",
+                    batch_what: str = "--batch-size") -> None:
+    """Refuse mini-batches that ``n`` processes (default: this run's) cannot split evenly (``what`` / ``batch_what``:
+    the flags that set ``nsamples`` / ``batch_size``)."""
     n = world_size() if n is None else n
     if n < 1:
         raise DistributedError(f"the process count must be >= 1, got {n}")
     if n > 1 and (batch_size % n or nsamples % n):
-        raise DistributedError(f"{n} processes split every mini-batch evenly: --batch-size ({batch_size}) and "
+        raise DistributedError(f"{n} processes split every mini-batch evenly: {batch_what} ({batch_size}) and "
                                f"{what} ({nsamples}) must be multiples of {n}")
 
 

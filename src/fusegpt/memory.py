@@ -117,7 +117,7 @@ def estimate_memory(
     cache_entries: int | None, cache_bytes: int, offload: str, trainable: int, receiver_linear_params: int,
     largest_linear: int, grad_checkpoint: bool, calib_resident: int | None = None, score_resident: int | None = None,
     block_bytes: int = 0, targets: int = 0, final_blocks: int = 0, final_trainable: int = 0, vocab: int = 0,
-    final_checkpoint: bool | None = None, final_windows: int = 0,
+    final_checkpoint: bool | None = None, final_windows: int = 0, final_batch: int = 0,
 ) -> MemoryEstimate:
     """The formula of the module docstring.
 
@@ -128,7 +128,8 @@ def estimate_memory(
     scores and probabilities of a block, and their gradients in backward). The final stage: ``final_blocks`` (F,
     0 = none), ``final_trainable`` (its trainable parameters over all F blocks), ``vocab``; ``final_checkpoint``:
     gradient checkpointing in the final stage (default: as ``grad_checkpoint``); ``final_windows``: its windows
-    (0 = n; more also holds their dense targets beside the D boundaries)."""
+    (0 = n; more also holds their dense targets beside the D boundaries); ``final_batch``: its windows per step
+    (0 = ``batch``)."""
     entry = t * hidden * cache_bytes
     r = cache_entries or 1
     rc = r if calib_resident is None else calib_resident
@@ -138,12 +139,12 @@ def estimate_memory(
     # in the receivers (one block's linears, shared); with offload cpu both are part of the baseline
     loaded = (group + 2) * block_bytes if offload == "disk" else 0
     per_tok = activation_bytes_per_token(hidden, intermediate)
-    tokens = batch * t
-    att = batch * heads * t * t * 4  # one block's attention matrix (fp32)
     w_block = receiver_linear_params // max(group, 1)  # one block's linears, out x in summed
 
-    def backward_bytes(blocks: int, ckpt: bool) -> int:
-        """Autograd memory of ``blocks`` trained at once on one mini-batch."""
+    def backward_bytes(blocks: int, ckpt: bool, batch: int) -> int:
+        """Autograd memory of ``blocks`` trained at once on one mini-batch of ``batch`` windows."""
+        tokens = batch * t
+        att = batch * heads * t * t * 4  # one block's attention matrix (fp32)
         if ckpt:
             # every student block's input is kept; one block at a time is recomputed with its activations and
             # attention matrices (scores, probabilities and their gradients); W_eff is not kept, so the fused
@@ -153,15 +154,15 @@ def estimate_memory(
         # adds three attention-sized gradients, and one layer at a time its weight temporaries (4 x out x in)
         return blocks * (tokens * per_tok + att + 4 * w_block) + 3 * att + 16 * largest_linear
 
-    training = 20 * trainable + backward_bytes(group, grad_checkpoint)
+    training = 20 * trainable + backward_bytes(group, grad_checkpoint, batch)
     final = 0
     final_checkpoint = grad_checkpoint if final_checkpoint is None else final_checkpoint
     if final_blocks:
         from .distill.losses import LOGIT_CHUNK
 
-        nf = final_windows or n
-        final = (20 * final_trainable + backward_bytes(final_blocks, final_checkpoint) + nf * t * hidden * 4
-                 + max(nf - n, 0) * entry + 6 * min(LOGIT_CHUNK, tokens) * vocab * 4)
+        nf, bf = final_windows or n, final_batch or batch
+        final = (20 * final_trainable + backward_bytes(final_blocks, final_checkpoint, bf) + nf * t * hidden * 4
+                 + max(nf - n, 0) * entry + 6 * min(LOGIT_CHUNK, bf * t) * vocab * 4)
     return MemoryEstimate(cache=cache, group=n * entry + loaded, training=training, scoring=3 * s * t * hidden * 4,
                           activations_per_token_block=per_tok, grad_checkpoint=grad_checkpoint, final=final,
                           final_checkpoint=bool(final_checkpoint and final_blocks))

@@ -194,8 +194,9 @@ def plan_run(model_name: str, config, *, device: str | None = None, repeats: int
     loading = 0 if config.offload == "disk" else params * parse_dtype(config.dtype).itemsize
     mem = _memory_plan(get_adapter(skeleton), config, compute, available_for_run(dev, loading=loading, nproc=nproc))
     check_divisible(config.batch_size, config.nsamples, nproc)
-    if config.final_nsamples and config.final_epochs > 0:
-        check_divisible(config.batch_size, config.final_nsamples, nproc, what="--final-nsamples")
+    if config.final_epochs > 0:
+        check_divisible(config.final_batch, config.final_nsamples or config.nsamples, nproc, what="--final-nsamples",
+                        batch_what="--final-batch-size" if config.final_batch_size else "--batch-size")
     # a rank's distillation step runs B / nproc windows
     units = measure_units(info.config, config, dev, compute, mem.grad_checkpoint, repeats,
                           train_batch=config.batch_size // nproc,
@@ -227,9 +228,12 @@ def plan_run(model_name: str, config, *, device: str | None = None, repeats: int
     if mem.final:  # the memory plan has a final stage exactly when the run does
         F, head = L0 - k, units["head_forward"]
         passes = head_passes("logit-kl")  # head forwards per trained token of the final stage's loss
-        n_f = math.ceil((config.final_nsamples or config.nsamples) / config.batch_size)  # its mini-batches
-        phases["teacher"] += L0 * max(n_f - n_b, 0) * units["block_forward"]  # its extra windows' dense targets
-        phases["final"] = (config.final_epochs * n_f * (F * units["lora_step"] + passes * head)
+        # its mini-batches of --final-batch-size windows; a step's time taken as proportional to its windows
+        n_f = math.ceil((config.final_nsamples or config.nsamples) / config.final_batch)
+        scale = config.final_batch / config.batch_size
+        extra = math.ceil((config.final_nsamples or config.nsamples) / config.batch_size) - n_b
+        phases["teacher"] += L0 * max(extra, 0) * units["block_forward"]  # its extra windows' dense targets
+        phases["final"] = (config.final_epochs * n_f * scale * (F * units["lora_step"] + passes * head)
                            + 2 * s_b * (F * units["block_forward"] + head))
         per_step[-1] += phases["final"]
     model_bytes = 0 if config.offload == "disk" else 4 * params

@@ -29,13 +29,14 @@ __all__ = ["run_heal_lora", "lora_heal"]
 
 
 def lora_heal(job: Job, *, epochs: int | None = None, lr: float | None = None, teacher=None, ids=None,
-              desc: str = "LoRA healing") -> dict:
+              batch_size: int | None = None, desc: str = "LoRA healing") -> dict:
     """LoRA fine-tuning of every block of ``job.model`` on the calibration sequences (in place, merged).
 
     Without ``teacher`` the loss is the next-token cross-entropy; with ``teacher`` ([N, T, H], the dense model's
     final hidden states of the same sequences) it is the KL of the next-token distributions against the dense
     model's (``logit-kl`` through the frozen final norm and head: end-to-end distillation). The norms train too
-    when distilling. ``epochs`` / ``lr`` default to the config's; ``ids`` ([N, T]) to the calibration windows."""
+    when distilling. ``epochs`` / ``lr`` / ``batch_size`` default to the config's; ``ids`` ([N, T]) to the
+    calibration windows."""
     cfg, ad, runner = job.config, job.adapter, job.runner
     if cfg.lora_rank < 1:
         raise ValueError("LoRA healing / the final distillation needs --lora-rank >= 1")
@@ -57,9 +58,9 @@ def lora_heal(job: Job, *, epochs: int | None = None, lr: float | None = None, t
         logits = ad.head(out)
         return next_token_loss(logits, target_ids)
 
-    settings = TrainSettings(loss="logit-kl", epochs=epochs, batch_size=cfg.batch_size, betas=tuple(cfg.betas),
-                             weight_decay=cfg.weight_decay, shuffle=cfg.shuffle, warmup=cfg.warmup,
-                             clip_grad=cfg.clip_grad)
+    settings = TrainSettings(loss="logit-kl", epochs=epochs, batch_size=batch_size or cfg.batch_size,
+                             betas=tuple(cfg.betas), weight_decay=cfg.weight_decay, shuffle=cfg.shuffle,
+                             warmup=cfg.warmup, clip_grad=cfg.clip_grad)
     groups = [ParamGroup("lora", lora, lr)] + ([ParamGroup("norm", norms, lr)] if norms else [])
     m0, w0 = runner.macs, runner.weight_macs
     res = train_group(runner, blocks, kinds, x, ids if teacher is None else teacher, groups, settings,
