@@ -446,6 +446,9 @@ def test_memory_formula_does_not_depend_on_depth():
     assert f_one.training == f_off.training
     per_block = 3 * 1024 * est.activations_per_token_block + 3 * att // 4  # three windows fewer per block
     assert f_off.final - f_one.final == 22 * per_block + 3 * 3 * att // 4
+    # --final-topk 64: the teacher's 64 log-probabilities and ids and its tail's mass per token of the final windows
+    f_top = estimate_memory(**kw, **fin, grad_checkpoint=False, final_topk=64)
+    assert f_top.final - f_off.final == 128 * 1024 * (8 * 64 + 4)
 
 
 def test_heap_trimming_only_when_on_and_only_on_growth(monkeypatch):

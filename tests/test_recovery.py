@@ -67,6 +67,50 @@ def test_logit_kl_equals_full_logits_kl_with_its_gradient(chunk):
     assert all(p.grad is None for p in model.parameters())  # the head stays frozen
 
 
+@pytest.mark.parametrize("chunk,k", [(3, 5), (7, 17), (512, 1)])
+def test_logit_kl_against_a_top_k_teacher_is_the_kl_of_the_coarsened_distributions(chunk, k):
+    """A precomputed top-k teacher: the KL over the k + 1 outcomes (the teacher's top k tokens, the rest as one),
+    with its autograd gradient; with k = the vocabulary it is the exact logit KL."""
+    from fusegpt.distill.losses import TeacherTopK, teacher_topk
+
+    model = tiny_model("llama", 2)
+    h = _head(model, chunk)
+    t = torch.randn(2, 5, 64)
+    s = (t + 0.3 * torch.randn_like(t)).requires_grad_(True)
+    top = teacher_topk(t, h, k, batch=1)
+    assert isinstance(top, TeacherTopK) and top.logp.shape == top.idx.shape == (2, 5, k) and top.shape == (2, 5)
+    got = get_loss("logit-kl", h)(s, top)
+    (g_got,) = torch.autograd.grad(got, s)
+    s2 = s.detach().clone().requires_grad_(True)
+    ls = F.log_softmax(model.lm_head(model.model.norm(s2)), -1).flatten(0, 1)
+    lt = F.log_softmax(model.lm_head(model.model.norm(t)), -1).flatten(0, 1)
+    idx = lt.topk(k, -1).indices
+    assert torch.equal(top.idx.flatten(0, 1).long(), idx)
+    mask = torch.zeros_like(lt, dtype=torch.bool).scatter_(-1, idx, True)
+    pt, lq = lt.gather(-1, idx), ls.gather(-1, idx)
+    pt_tail = torch.logsumexp(lt.masked_fill(mask, float("-inf")), -1)
+    lq_tail = torch.logsumexp(ls.masked_fill(mask, float("-inf")), -1)
+    want = ((pt.exp() * (pt - lq)).sum(-1) + pt_tail.exp() * (pt_tail - lq_tail)).mean()
+    (g_want,) = torch.autograd.grad(want, s2)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(g_got, g_want, rtol=1e-4, atol=1e-7)
+    with torch.no_grad():  # coarsening loses information
+        assert float(want) < float(get_loss("logit-kl", h)(s, t))
+    vocab = model.lm_head.out_features
+    full = teacher_topk(t, h, vocab + 5)  # every token: the exact KL (and k is capped at the vocabulary)
+    assert full.logp.shape[-1] == vocab and torch.isinf(full.log_tail).all()
+    s3 = s.detach().clone().requires_grad_(True)
+    exact = get_loss("logit-kl", h)(s3, full)
+    (g_exact,) = torch.autograd.grad(exact, s3)
+    s4 = s.detach().clone().requires_grad_(True)
+    ls4 = F.log_softmax(model.lm_head(model.model.norm(s4)), -1).flatten(0, 1)
+    want_exact = (lt.exp() * (lt - ls4)).sum(-1).mean()
+    (g_want_exact,) = torch.autograd.grad(want_exact, s4)
+    torch.testing.assert_close(exact, want_exact, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(g_exact, g_want_exact, rtol=1e-4, atol=1e-7)
+    assert all(p.grad is None for p in model.parameters())
+
+
 def test_mse_norm_and_aux_loss():
     model = tiny_model("llama", 2)
     h = _head(model)
@@ -408,6 +452,32 @@ def test_final_stage_trains_on_its_own_windows(monkeypatch):
         compress(tiny_model("llama", 6), _cfg(final_epochs=1, nsamples=8, final_nsamples=16), calib_ids=ids)
     with pytest.raises(ConfigError, match="final-nsamples"):
         _cfg(final_nsamples=-1).validate()
+
+
+def test_final_stage_with_a_top_k_teacher(monkeypatch):
+    """--final-topk: the teacher's top-k distributions are computed once (one head pass over the final windows)
+    and the stage spends one head pass per step fewer; the group stage is unchanged and the stage still lowers
+    its loss (the KL over the k + 1 outcomes)."""
+    from fusegpt.methods import heal
+
+    ids = random_ids(8, 16)
+    made = []
+    real = heal.teacher_topk
+    monkeypatch.setattr(heal, "teacher_topk", lambda *a, **kw: made.append(a[2]) or real(*a, **kw))
+    base = compress(tiny_model("llama", 6), _cfg(final_epochs=2, target="dense", lr=1e-2), calib_ids=ids)
+    assert made == []
+    top = compress(tiny_model("llama", 6), _cfg(final_epochs=2, target="dense", lr=1e-2, final_topk=8),
+                   calib_ids=ids)
+    assert made == [8]  # once, not per epoch
+    assert base.removed == top.removed
+    for a, b in zip(base.steps, top.steps):
+        assert (a.loss_before, a.loss_after) == (b.loss_before, b.loss_after)
+    fb, ft = base.steps[-1].extra["final"], top.steps[-1].extra["final"]
+    assert fb["steps"] == ft["steps"] == 4 and ft["nll_before"] == fb["nll_before"]
+    assert ft["epoch_losses"][1] < ft["epoch_losses"][0] < fb["epoch_losses"][0]  # coarsened: a smaller KL
+    assert ft["nll_after"] != fb["nll_after"]
+    with pytest.raises(ConfigError, match="final-topk"):
+        _cfg(final_topk=-1).validate()
 
 
 def test_final_batch_size_sets_the_final_stages_steps_only():

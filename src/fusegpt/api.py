@@ -349,7 +349,7 @@ def _final_stage_sizes(adapter, config: CompressConfig, lins: list[tuple[int, in
     f = adapter.num_blocks - num_removals(config, adapter.num_blocks)
     return {"final_blocks": f, "final_trainable": f * (lora_params(lins, config.lora_rank) + norms),
             "vocab": adapter.model.lm_head.out_features, "final_windows": config.final_nsamples or config.nsamples,
-            "final_batch": config.final_batch}
+            "final_batch": config.final_batch, "final_topk": config.final_topk}
 
 
 def run_settings(config: CompressConfig, calib_ids: torch.Tensor, num_blocks: int, compute: torch.dtype | None,

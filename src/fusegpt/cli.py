@@ -266,6 +266,8 @@ _CONFIG_FLAGS = [
                               "adds windows after those)"),
     ("--final-batch-size", int, "sequences per optimizer step of the final stage (default 0 = --batch-size; "
                                 "fewer = more, smaller steps on the same windows)"),
+    ("--final-topk", int, "keep the final stage's teacher as its k most likely tokens and the rest's mass, computed "
+                          "once (default 0 = the full distribution at every step)"),
     ("--warmup", float, "linear lr warm-up over this fraction of each distillation's steps (default 0)"),
     ("--clip-grad", float, "clip the gradient norm of the trained parameters (default 0 = off)"),
     ("--epochs", int, "distillation epochs per removal"),

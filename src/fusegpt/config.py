@@ -91,6 +91,10 @@ class CompressConfig:
     # sequences per optimizer step of the final stage: 0 = --batch-size; fewer = more (smaller) steps on the same
     # windows, which costs little more time where the step is large enough to keep the matmuls efficient
     final_batch_size: int = 0
+    # the final stage's teacher as its k most likely next tokens and the rest's mass, computed once (0 = the full
+    # distribution, the LM head run on the teacher at every step): the KL over those k + 1 outcomes, one head pass
+    # per step fewer
+    final_topk: int = 0
     # merge every receiving layer into a plain linear after its step (later steps inject the merged weights and
     # no longer train earlier coefficients); False = the reference, which keeps every coefficient trainable
     consolidate: bool = True
@@ -177,6 +181,7 @@ class CompressConfig:
         need(self.final_lr >= 0, f"--final-lr must be >= 0, got {self.final_lr}")
         need(self.final_nsamples >= 0,
              f"--final-nsamples must be >= 0 (0 = the --nsamples windows), got {self.final_nsamples}")
+        need(self.final_topk >= 0, f"--final-topk must be >= 0 (0 = the full distribution), got {self.final_topk}")
         need(self.final_batch_size >= 0,
              f"--final-batch-size must be >= 0 (0 = --batch-size), got {self.final_batch_size}")
         need(self.final_epochs == 0 or self.offload != "disk",

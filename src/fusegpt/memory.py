@@ -117,7 +117,7 @@ def estimate_memory(
     cache_entries: int | None, cache_bytes: int, offload: str, trainable: int, receiver_linear_params: int,
     largest_linear: int, grad_checkpoint: bool, calib_resident: int | None = None, score_resident: int | None = None,
     block_bytes: int = 0, targets: int = 0, final_blocks: int = 0, final_trainable: int = 0, vocab: int = 0,
-    final_checkpoint: bool | None = None, final_windows: int = 0, final_batch: int = 0,
+    final_checkpoint: bool | None = None, final_windows: int = 0, final_batch: int = 0, final_topk: int = 0,
 ) -> MemoryEstimate:
     """The formula of the module docstring.
 
@@ -129,7 +129,8 @@ def estimate_memory(
     0 = none), ``final_trainable`` (its trainable parameters over all F blocks), ``vocab``; ``final_checkpoint``:
     gradient checkpointing in the final stage (default: as ``grad_checkpoint``); ``final_windows``: its windows
     (0 = n; more also holds their dense targets beside the D boundaries); ``final_batch``: its windows per step
-    (0 = ``batch``)."""
+    (0 = ``batch``); ``final_topk``: the teacher's top-k tokens kept per token (k log-probabilities and ids, the
+    tail's mass)."""
     entry = t * hidden * cache_bytes
     r = cache_entries or 1
     rc = r if calib_resident is None else calib_resident
@@ -162,7 +163,8 @@ def estimate_memory(
 
         nf, bf = final_windows or n, final_batch or batch
         final = (20 * final_trainable + backward_bytes(final_blocks, final_checkpoint, bf) + nf * t * hidden * 4
-                 + max(nf - n, 0) * entry + 6 * min(LOGIT_CHUNK, bf * t) * vocab * 4)
+                 + max(nf - n, 0) * entry + 6 * min(LOGIT_CHUNK, bf * t) * vocab * 4
+                 + (nf * t * (8 * min(final_topk, vocab) + 4) if final_topk else 0))
     return MemoryEstimate(cache=cache, group=n * entry + loaded, training=training, scoring=3 * s * t * hidden * 4,
                           activations_per_token_block=per_tok, grad_checkpoint=grad_checkpoint, final=final,
                           final_checkpoint=bool(final_checkpoint and final_blocks))

@@ -227,14 +227,16 @@ def plan_run(model_name: str, config, *, device: str | None = None, repeats: int
         per_step.append(sum(phases.values()) - sum(before.values()))
     if mem.final:  # the memory plan has a final stage exactly when the run does
         F, head = L0 - k, units["head_forward"]
-        passes = head_passes("logit-kl")  # head forwards per trained token of the final stage's loss
+        # head forwards per trained token of the final stage's loss (a top-k teacher: its head once, not every step)
+        passes = head_passes("logit-kl") - (config.final_topk > 0)
         # its mini-batches of --final-batch-size windows; a step's time taken as proportional to its windows
         n_f = math.ceil((config.final_nsamples or config.nsamples) / config.final_batch)
         scale = config.final_batch / config.batch_size
         extra = math.ceil((config.final_nsamples or config.nsamples) / config.batch_size) - n_b
         phases["teacher"] += L0 * max(extra, 0) * units["block_forward"]  # its extra windows' dense targets
         phases["final"] = (config.final_epochs * n_f * scale * (F * units["lora_step"] + passes * head)
-                           + 2 * s_b * (F * units["block_forward"] + head))
+                           + 2 * s_b * (F * units["block_forward"] + head)
+                           + (n_f * scale * head if config.final_topk else 0.0))
         per_step[-1] += phases["final"]
     model_bytes = 0 if config.offload == "disk" else 4 * params
     notes = [f"{config.method}: counted as FuseGPT's loop (scoring, group input, teacher, group losses, training)"]

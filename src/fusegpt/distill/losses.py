@@ -25,7 +25,8 @@ import torch.utils.checkpoint
 
 from ..device import autocast
 
-__all__ = ["LOSSES", "LossHead", "build_loss", "get_loss", "register_loss", "head_passes"]
+__all__ = ["LOSSES", "LossHead", "TeacherTopK", "build_loss", "get_loss", "register_loss", "head_passes",
+           "teacher_topk"]
 
 LossFn = Callable[..., torch.Tensor]
 LOSSES: dict[str, LossFn] = {}
@@ -118,27 +119,110 @@ def mse_norm(student: torch.Tensor, teacher: torch.Tensor, head: LossHead) -> to
     return F.mse_loss(head.norm(student).float(), t)
 
 
-def _chunked_kl(s: torch.Tensor, t: torch.Tensor, logits_fn, compute, chunk: int,
+@dataclass
+class TeacherTopK:
+    """The teacher's next-token distributions kept as their ``k`` most likely tokens: ``logp`` / ``idx`` [..., k]
+    (log-probabilities and token ids) and ``log_tail`` [...] (log of the mass of every other token). Computed
+    once (:func:`teacher_topk`), it replaces the teacher's LM-head pass at every step; the logit KL is then taken
+    between the two distributions coarsened to these k + 1 outcomes. Indexable by sample like a tensor."""
+
+    logp: torch.Tensor
+    idx: torch.Tensor
+    log_tail: torch.Tensor
+
+    def __getitem__(self, key) -> "TeacherTopK":
+        return TeacherTopK(self.logp[key], self.idx[key], self.log_tail[key])
+
+    def to(self, device) -> "TeacherTopK":
+        return TeacherTopK(self.logp.to(device), self.idx.to(device), self.log_tail.to(device))
+
+    def flat(self) -> "TeacherTopK":
+        """Tokens in one axis: [tokens, k] / [tokens]."""
+        k = self.logp.shape[-1]
+        return TeacherTopK(self.logp.reshape(-1, k), self.idx.reshape(-1, k), self.log_tail.reshape(-1))
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.log_tail.shape
+
+
+@torch.no_grad()
+def teacher_topk(hidden: torch.Tensor, head: LossHead, k: int, batch: int = 4) -> TeacherTopK:
+    """The top-``k`` next-token distributions of the teacher's [N, T, H] final hidden states through ``head``
+    (``batch`` windows at a time, logits in chunks of ``head.chunk`` tokens), on ``hidden``'s device."""
+    n, t = hidden.shape[:2]
+    vocab = None
+    logp = idx = log_tail = None
+    for s in range(0, n, batch):
+        h = hidden[s : s + batch].reshape(-1, hidden.shape[-1])
+        for i in range(0, h.shape[0], head.chunk):
+            with head.autocast():
+                lt = head.logits_fn(h[i : i + head.chunk])
+            lp = F.log_softmax(lt.float(), -1)
+            del lt
+            if vocab is None:
+                vocab = lp.shape[-1]
+                kk = min(k, vocab)
+                logp = torch.empty(n * t, kk, dtype=torch.float32, device=hidden.device)
+                idx = torch.empty(n * t, kk, dtype=torch.int32 if vocab < 2**31 else torch.int64, device=hidden.device)
+                log_tail = torch.empty(n * t, dtype=torch.float32, device=hidden.device)
+            top = lp.topk(logp.shape[1], dim=-1)
+            at = slice(s * t + i, s * t + i + lp.shape[0])
+            logp[at], idx[at] = top.values, top.indices.to(idx.dtype)
+            lp.scatter_(-1, top.indices, float("-inf"))
+            log_tail[at] = torch.logsumexp(lp, -1)  # -inf when the top k hold every token
+            del lp
+    return TeacherTopK(logp.view(n, t, -1), idx.view(n, t, -1), log_tail.view(n, t))
+
+
+def _topk_kl(log_ps: torch.Tensor, t: TeacherTopK, grad: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Summed KL(teacher || student) over the k + 1 outcomes of ``t`` (the top k tokens, the rest as one) for
+    [tokens, V] student log-probabilities; with ``grad`` also d KL / d student logits = q - p~, where p~ is the
+    teacher's probability on its top k and its tail mass spread over the other tokens in the student's proportions
+    (p_tail q_j / q_tail). ``log_ps`` is consumed."""
+    idx = t.idx.long()
+    lq_k = log_ps.gather(-1, idx)
+    lq_tail = torch.logsumexp(log_ps.scatter(-1, idx, float("-inf")), -1)  # the student's tail, exactly
+    p_k, p_tail = t.logp.exp(), t.log_tail.exp()
+    live = p_tail > 0  # the teacher's tail is empty when its top k hold every token
+    kl = (p_k * (t.logp - lq_k)).sum() + torch.where(live, p_tail * (t.log_tail - lq_tail), 0.0).sum()
+    if not grad:
+        return kl, None
+    ratio = torch.where(live, p_tail / lq_tail.exp().clamp_min(torch.finfo(torch.float32).tiny), 0.0)
+    d = log_ps.exp_().mul_((1.0 - ratio).unsqueeze(-1))  # tail tokens: q_j - p_tail q_j / q_tail
+    d.scatter_(-1, idx, lq_k.exp() - p_k)  # top k: q_j - p_j
+    return kl, d
+
+
+def _chunked_kl(s: torch.Tensor, t: torch.Tensor | TeacherTopK, logits_fn, compute, chunk: int,
                 grad: torch.Tensor | None = None) -> torch.Tensor:
-    """Summed KL(teacher || student) of the next-token distributions of [tokens, H] ``s`` / ``t``, ``chunk`` tokens
-    at a time. With ``grad`` ([tokens, H], written in place) also d KL / d s, from d KL / d student logits =
-    softmax(student) - softmax(teacher), known as soon as both distributions are: each chunk's [chunk, V] logits
-    are freed at once and never recomputed."""
+    """Summed KL(teacher || student) of the next-token distributions of [tokens, H] ``s`` and ``t`` ([tokens, H]
+    teacher hidden states, or a flat :class:`TeacherTopK`), ``chunk`` tokens at a time. With ``grad`` ([tokens, H],
+    written in place) also d KL / d s, from d KL / d student logits = softmax(student) - softmax(teacher) (top-k:
+    :func:`_topk_kl`), known as soon as both distributions are: each chunk's [chunk, V] logits are freed at once
+    and never recomputed."""
     total = torch.zeros((), dtype=torch.float32, device=s.device)
     for i in range(0, s.shape[0], chunk):
         sc = s[i : i + chunk].detach().requires_grad_(grad is not None)
         with torch.set_grad_enabled(grad is not None), compute():
             ls = logits_fn(sc)
         with torch.no_grad():
-            with compute():
-                lt = logits_fn(t[i : i + chunk])
-            log_ps, log_pt = F.log_softmax(ls.float(), -1), F.log_softmax(lt.float(), -1)
-            del lt
-            total += F.kl_div(log_ps, log_pt, reduction="sum", log_target=True)
-            if grad is None:
-                continue
-            d = log_ps.exp_().sub_(log_pt.exp_())  # softmax(s) - softmax(t), in place
-            del log_pt
+            log_ps = F.log_softmax(ls.float(), -1)
+            if isinstance(t, TeacherTopK):
+                kl, d = _topk_kl(log_ps, t[i : i + chunk], grad is not None)
+                total += kl
+                if d is None:
+                    continue
+            else:
+                with compute():
+                    lt = logits_fn(t[i : i + chunk])
+                log_pt = F.log_softmax(lt.float(), -1)
+                del lt
+                total += F.kl_div(log_ps, log_pt, reduction="sum", log_target=True)
+                if grad is None:
+                    continue
+                d = log_ps.exp_().sub_(log_pt.exp_())  # softmax(s) - softmax(t), in place
+                del log_pt
         (grad[i : i + chunk],) = torch.autograd.grad(ls, sc, d.to(ls.dtype))
     return total
 
@@ -162,12 +246,13 @@ class _HeadKL(torch.autograd.Function):
 
 
 @register_loss("logit-kl", head=True, passes=3)  # student forward + input gradient (2), teacher forward (1)
-def logit_kl(student: torch.Tensor, teacher: torch.Tensor, head: LossHead) -> torch.Tensor:
+def logit_kl(student: torch.Tensor, teacher: torch.Tensor | TeacherTopK, head: LossHead) -> torch.Tensor:
     """KL(teacher || student) of the next-token distributions through the frozen final norm + LM head, mean over
     tokens. Chunked over tokens, with the gradient computed in the forward pass when the student needs one, so the
-    [tokens, V] logits of one chunk are held at a time and the head runs 3 times per token, not 4."""
+    [tokens, V] logits of one chunk are held at a time and the head runs 3 times per token, not 4 (2 when the
+    teacher comes as a precomputed :class:`TeacherTopK`)."""
     s = student.reshape(-1, student.shape[-1])
-    t = teacher.reshape(-1, teacher.shape[-1]).detach()
+    t = teacher.flat() if isinstance(teacher, TeacherTopK) else teacher.reshape(-1, teacher.shape[-1]).detach()
     if torch.is_grad_enabled() and s.requires_grad:
         total = _HeadKL.apply(s, t, head.logits_fn, head.autocast, head.chunk)
     else:

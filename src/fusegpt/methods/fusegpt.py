@@ -496,7 +496,8 @@ def final_stage(job: Job) -> None:
         own = job.final_ids is not None  # --final-nsamples: its own windows, their targets under FINAL_TARGET
         res = lora_heal(job, epochs=cfg.final_epochs, lr=cfg.final_lr,
                         teacher=job.state.targets.get(FINAL_TARGET if own else L0),
-                        ids=job.final_ids, batch_size=cfg.final_batch, desc="final distillation (logit KL vs dense)")
+                        ids=job.final_ids, batch_size=cfg.final_batch, topk=cfg.final_topk,
+                        desc="final distillation (logit KL vs dense)")
     finally:
         runner.grad_checkpoint = group_ckpt
     last = job.state.steps[-1]

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from ..distill import ParamGroup, TrainSettings, train_group
-from ..distill.losses import head_passes
+from ..distill.losses import LossHead, head_passes, teacher_topk
 from ..fusion import FusedLinear, merge_fused_linears, wrap_block
 from ..nll import next_token_loss
 from ..options import option, register_options
@@ -29,14 +29,16 @@ __all__ = ["run_heal_lora", "lora_heal"]
 
 
 def lora_heal(job: Job, *, epochs: int | None = None, lr: float | None = None, teacher=None, ids=None,
-              batch_size: int | None = None, desc: str = "LoRA healing") -> dict:
+              batch_size: int | None = None, topk: int = 0, desc: str = "LoRA healing") -> dict:
     """LoRA fine-tuning of every block of ``job.model`` on the calibration sequences (in place, merged).
 
     Without ``teacher`` the loss is the next-token cross-entropy; with ``teacher`` ([N, T, H], the dense model's
     final hidden states of the same sequences) it is the KL of the next-token distributions against the dense
     model's (``logit-kl`` through the frozen final norm and head: end-to-end distillation). The norms train too
     when distilling. ``epochs`` / ``lr`` / ``batch_size`` default to the config's; ``ids`` ([N, T]) to the
-    calibration windows."""
+    calibration windows. ``topk`` > 0 keeps the teacher's distributions as their ``topk`` most likely tokens and
+    the rest's mass, computed once (:func:`fusegpt.distill.losses.teacher_topk`), instead of running the LM head
+    on the teacher at every step."""
     cfg, ad, runner = job.config, job.adapter, job.runner
     if cfg.lora_rank < 1:
         raise ValueError("LoRA healing / the final distillation needs --lora-rank >= 1")
@@ -62,12 +64,15 @@ def lora_heal(job: Job, *, epochs: int | None = None, lr: float | None = None, t
                              betas=tuple(cfg.betas), weight_decay=cfg.weight_decay, shuffle=cfg.shuffle,
                              warmup=cfg.warmup, clip_grad=cfg.clip_grad)
     groups = [ParamGroup("lora", lora, lr)] + ([ParamGroup("norm", norms, lr)] if norms else [])
+    if teacher is not None and topk > 0:
+        teacher = teacher_topk(teacher, LossHead.for_runner(runner), topk, settings.batch_size)
+        job.flops["train"] += 2.0 * teacher.log_tail.numel() * ad.head_macs_per_token()  # the teacher's head, once
     m0, w0 = runner.macs, runner.weight_macs
     res = train_group(runner, blocks, kinds, x, ids if teacher is None else teacher, groups, settings,
                       generator=job.generator, desc=desc, loss_fn=lm_loss if teacher is None else None)
     job.flops["train"] += lora_training_flops(ad, blocks, runner.macs - m0, runner.weight_macs - w0, res.tokens)
     # the LM head (frozen): with a teacher the logit KL's passes; cross-entropy: the student's forward + input gradient
-    passes = head_passes("logit-kl") if teacher is not None else 2
+    passes = (head_passes("logit-kl") - (topk > 0)) if teacher is not None else 2
     job.flops["train"] += 2.0 * passes * res.tokens * ad.head_macs_per_token()
     for b in blocks:
         merge_fused_linears(b)
