@@ -1,11 +1,13 @@
 """Time the logit-KL loss + its gradient (the final stage's head work) for several token chunk sizes.
 
-    python benchmarks/logit_chunk.py [--threads 2] [--chunks 64,128,256,512,1024] [--repeats 5]
+    python benchmarks/logit_chunk.py [--threads 2] [--chunks 64,128,256,512,1024] [--repeats 5] [--topk 0,128]
 
 One mini-batch of 4 x 256 tokens (the cpu preset's), a random final norm and LM head of SmolLM2's shape
 (576 x 49,152) and Gemma-3's (640 x 262,144), fp32. Prints the median seconds per chunk size (the first repeat is a
 warm-up and is dropped). A chunk's [chunk, V] logits above glibc's largest heap threshold (32 MiB) are mapped and
-zeroed afresh each time; smaller chunks re-read the head's weight more often. Timings compare only within one run.
+zeroed afresh each time; smaller chunks re-read the head's weight more often. ``--topk``: the teacher as its full
+hidden states (0: the head runs on it at every step) or as its top-k distributions precomputed once (k, the final
+stage's ``--final-topk``; the precomputation is not timed). Timings compare only within one run.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import time
 import torch
 
 from fusegpt.distill import LossHead, get_loss
+from fusegpt.distill.losses import teacher_topk
 
 SHAPES = {"smollm2 (576 x 49152)": (576, 49152), "gemma3 (640 x 262144)": (640, 262144)}
 
@@ -26,29 +29,33 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--chunks", default="64,128,256,512,1024")
     ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--topk", default="0", help="teacher kinds: 0 = full hidden states, k = top-k precomputed")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     chunks = [int(c) for c in args.chunks.split(",")]
-    print("| head | chunk (tokens) | [chunk, V] fp32 MiB | loss + gradient, median s |")
-    print("|---|---|---|---|")
+    print("| head | chunk (tokens) | [chunk, V] fp32 MiB | teacher | loss + gradient, median s |")
+    print("|---|---|---|---|---|")
     for name, (hidden, vocab) in SHAPES.items():
         norm = torch.nn.RMSNorm(hidden)
         head = torch.nn.Linear(hidden, vocab, bias=False)
         for p in [*norm.parameters(), *head.parameters()]:
             p.requires_grad_(False)
         teacher = torch.randn(4, 256, hidden)
-        for chunk in chunks:
+        for chunk, k in ((c, k) for c in chunks for k in (int(x) for x in args.topk.split(","))):
             logits = torch.nn.Sequential(norm, head)  # final norm + LM head, as the adapters' head()
-            fn = get_loss("logit-kl", LossHead(norm, logits, chunk=chunk))
+            lh = LossHead(norm, logits, chunk=chunk)
+            fn = get_loss("logit-kl", lh)
+            target = teacher_topk(teacher, lh, k) if k else teacher
             times = []
             for _ in range(args.repeats):
                 student = (teacher + 0.3 * torch.randn_like(teacher)).requires_grad_(True)
                 t = time.perf_counter()
-                fn(student, teacher).backward()
+                fn(student, target).backward()
                 times.append(time.perf_counter() - t)
             med = statistics.median(times[1:])
-            print(f"| {name} | {chunk} | {chunk * vocab * 4 / 2**20:.0f} | {med:.3f} |", flush=True)
+            kind = f"top-{k}" if k else "hidden states"
+            print(f"| {name} | {chunk} | {chunk * vocab * 4 / 2**20:.0f} | {kind} | {med:.3f} |", flush=True)
 
 
 if __name__ == "__main__":

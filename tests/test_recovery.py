@@ -111,6 +111,31 @@ def test_logit_kl_against_a_top_k_teacher_is_the_kl_of_the_coarsened_distributio
     assert all(p.grad is None for p in model.parameters())
 
 
+def test_top_k_kl_keeps_a_tiny_student_tail_exact():
+    """Where the student's top-k mass leaves almost nothing (1 - sum would lose every digit), the tail comes from
+    the other tokens' log-sum-exp: KL and gradient match an fp64 reference."""
+    from fusegpt.distill.losses import TeacherTopK, _topk_kl
+
+    torch.manual_seed(0)
+    z = torch.randn(6, 50, dtype=torch.float64)
+    z[:3, :4] += 25.0  # rows 0-2: the top 4 tokens hold all but ~1e-9 of the student's mass
+    zt = torch.randn(6, 50, dtype=torch.float64)
+    lt = F.log_softmax(zt, -1)
+    top = lt.topk(4, -1)
+    mask = torch.zeros_like(lt, dtype=torch.bool).scatter_(-1, top.indices, True)
+    t = TeacherTopK(top.values.float(), top.indices.int(),
+                    torch.logsumexp(lt.masked_fill(mask, float("-inf")), -1).float())
+    zz = z.clone().requires_grad_(True)
+    ls = F.log_softmax(zz, -1)
+    tail = torch.logsumexp(ls.masked_fill(mask, float("-inf")), -1)
+    want = (top.values.exp() * (top.values - ls.gather(-1, top.indices))).sum() + (
+        t.log_tail.double().exp() * (t.log_tail.double() - tail)).sum()
+    (g_want,) = torch.autograd.grad(want, zz)
+    kl, d = _topk_kl(F.log_softmax(z.float(), -1), t, True)
+    torch.testing.assert_close(kl.double(), want.detach(), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(d.double(), g_want, rtol=1e-4, atol=1e-6)
+
+
 def test_mse_norm_and_aux_loss():
     model = tiny_model("llama", 2)
     h = _head(model)

@@ -16,6 +16,7 @@ Two kinds, one registry:
 from __future__ import annotations
 
 import contextlib
+import math
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -182,7 +183,12 @@ def _topk_kl(log_ps: torch.Tensor, t: TeacherTopK, grad: bool) -> tuple[torch.Te
     (p_tail q_j / q_tail). ``log_ps`` is consumed."""
     idx = t.idx.long()
     lq_k = log_ps.gather(-1, idx)
-    lq_tail = torch.logsumexp(log_ps.scatter(-1, idx, float("-inf")), -1)  # the student's tail, exactly
+    # the student's tail: 1 - its top-k mass (summed in fp64), or, where that leaves less than 1e-4 and the
+    # subtraction would lose digits, the log-sum-exp of the other tokens
+    lq_tail = torch.log1p(-lq_k.double().exp().sum(-1).clamp_max(1.0)).float()
+    low = (lq_tail < math.log(1e-4)).nonzero().squeeze(1)
+    if low.numel():
+        lq_tail[low] = torch.logsumexp(log_ps[low].scatter_(-1, idx[low], float("-inf")), -1)
     p_k, p_tail = t.logp.exp(), t.log_tail.exp()
     live = p_tail > 0  # the teacher's tail is empty when its top k hold every token
     kl = (p_k * (t.logp - lq_k)).sum() + torch.where(live, p_tail * (t.log_tail - lq_tail), 0.0).sum()
