@@ -98,7 +98,8 @@ def main() -> None:
                        flops_fraction_of_peak=rep.flops_fraction_of_peak, compute_dtype=rep.compute_dtype,
                        # the counted FLOPs and the peak read at the start: the achieved rate is flops / seconds
                        flops=rep.flops.get("total"), matmul_peak_flops=rep.matmul_peak_flops,
-                       train_steps=sum(s.train_steps for s in rep.steps))
+                       train_steps=sum(s.train_steps for s in rep.steps),
+                       final_steps=(rep.steps[-1].extra.get("final") or {}).get("steps", 0) if rep.steps else 0)
             if rep.steps and "search" in rep.steps[0].extra:
                 row["search"] = rep.steps[0].extra["search"]
         res = evaluate_perplexity(model, tok, max_windows=args.max_windows)

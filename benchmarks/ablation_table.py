@@ -4,6 +4,9 @@
 
 Recovery = (ln PPL_drop - ln PPL) / (ln PPL_drop - ln PPL_dense), on WikiText-2 and, when the rows have it, on the
 second corpus. ``--changes`` lists only what each variant changed (its values) instead of a fixed set of keys.
+Steps: the group stage's + the final stage's optimizer steps. GFLOP/s: the counted FLOPs over the compression
+seconds (the achieved rate; rows that store their FLOPs); "of matmul peak" divides by the peak read at the run's
+start, which on an unsteady machine can read low.
 """
 
 from __future__ import annotations
@@ -17,6 +20,14 @@ def recovery(ppl: float, drop: float, dense: float | None) -> float:
     if dense is None or ppl is None:
         return float("nan")
     return (math.log(drop) - math.log(ppl)) / (math.log(drop) - math.log(dense))
+
+
+def final_steps(row: dict, cfg: dict) -> int:
+    """The final stage's optimizer steps: recorded by newer rows, else from the config (epochs x mini-batches)."""
+    if row.get("final_steps") is not None:
+        return int(row["final_steps"])
+    n = cfg.get("final_nsamples") or cfg.get("nsamples", 0)
+    return int(cfg.get("final_epochs", 0) * math.ceil(n / (cfg.get("final_batch_size") or cfg.get("batch_size", 1))))
 
 
 def main() -> None:
@@ -38,7 +49,7 @@ def main() -> None:
     head = ["variant"] + (["changes"] if args.changes else keys) + ["removed", "WikiText-2 PPL", "recovery"]
     if second:
         head += [f"{second} PPL", "recovery"]
-    head += ["compress s", "optimizer steps", "compute", "of matmul peak"]
+    head += ["compress s", "group + final steps", "compute", "GFLOP/s", "of matmul peak"]
     print("| " + " | ".join(head) + " |")
     print("|---" * len(head) + "|")
     only = set(args.only.split(",")) if args.only else None
@@ -59,7 +70,11 @@ def main() -> None:
             cells += [f"{p2:.2f}" if p2 else "-", f"{recovery(p2, drop2, dense2):.3f}" if p2 else "-"]
         dtype = (r.get("compute_dtype") or "-").replace("torch.", "")
         frac = r.get("flops_fraction_of_peak")
-        cells += [f"{r.get('seconds', 0):.0f}", str(r.get("train_steps", "-")), dtype,
+        steps = str(r.get("train_steps", "-"))
+        if "train_steps" in r and cfg.get("final_epochs"):
+            steps += f" + {final_steps(r, cfg)}"
+        rate = r["flops"] / r["seconds"] / 1e9 if r.get("flops") and r.get("seconds") else None
+        cells += [f"{r.get('seconds', 0):.0f}", steps, dtype, f"{rate:.0f}" if rate else "-",
                   f"{frac:.2f}" if frac else "-"]
         print(f"| {r['name']} | " + " | ".join(cells) + " |")
 
