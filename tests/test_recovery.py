@@ -77,7 +77,7 @@ def test_logit_kl_against_a_top_k_teacher_is_the_kl_of_the_coarsened_distributio
     h = _head(model, chunk)
     t = torch.randn(2, 5, 64)
     s = (t + 0.3 * torch.randn_like(t)).requires_grad_(True)
-    top = teacher_topk(t, h, k, batch=1)
+    top = teacher_topk(t, h, k)
     assert isinstance(top, TeacherTopK) and top.logp.shape == top.idx.shape == (2, 5, k) and top.shape == (2, 5)
     got = get_loss("logit-kl", h)(s, top)
     (g_got,) = torch.autograd.grad(got, s)

@@ -148,32 +148,25 @@ class TeacherTopK:
 
 
 @torch.no_grad()
-def teacher_topk(hidden: torch.Tensor, head: LossHead, k: int, batch: int = 4) -> TeacherTopK:
-    """The top-``k`` next-token distributions of the teacher's [N, T, H] final hidden states through ``head``
-    (``batch`` windows at a time, logits in chunks of ``head.chunk`` tokens), on ``hidden``'s device."""
-    n, t = hidden.shape[:2]
-    vocab = None
-    logp = idx = log_tail = None
-    for s in range(0, n, batch):
-        h = hidden[s : s + batch].reshape(-1, hidden.shape[-1])
-        for i in range(0, h.shape[0], head.chunk):
-            with head.autocast():
-                lt = head.logits_fn(h[i : i + head.chunk])
-            lp = F.log_softmax(lt.float(), -1)
-            del lt
-            if vocab is None:
-                vocab = lp.shape[-1]
-                kk = min(k, vocab)
-                logp = torch.empty(n * t, kk, dtype=torch.float32, device=hidden.device)
-                idx = torch.empty(n * t, kk, dtype=torch.int32 if vocab < 2**31 else torch.int64, device=hidden.device)
-                log_tail = torch.empty(n * t, dtype=torch.float32, device=hidden.device)
-            top = lp.topk(logp.shape[1], dim=-1)
-            at = slice(s * t + i, s * t + i + lp.shape[0])
-            logp[at], idx[at] = top.values, top.indices.to(idx.dtype)
-            lp.scatter_(-1, top.indices, float("-inf"))
-            log_tail[at] = torch.logsumexp(lp, -1)  # -inf when the top k hold every token
-            del lp
-    return TeacherTopK(logp.view(n, t, -1), idx.view(n, t, -1), log_tail.view(n, t))
+def teacher_topk(hidden: torch.Tensor, head: LossHead, k: int, device: torch.device | str | None = None) -> TeacherTopK:
+    """The top-``k`` next-token distributions of the teacher's [N, T, H] final hidden states through ``head``, in
+    chunks of ``head.chunk`` tokens run on ``device`` (the head's; default ``hidden``'s), kept on ``hidden``'s
+    device (the offload device, beside the hidden states)."""
+    n, t, width = hidden.shape
+    flat = hidden.reshape(-1, width)
+    logp, idx, tail = [], [], []
+    for i in range(0, flat.shape[0], head.chunk):
+        with head.autocast():
+            lt = head.logits_fn(flat[i : i + head.chunk].to(device or hidden.device))
+        lp = F.log_softmax(lt.float(), -1)
+        del lt
+        top = lp.topk(min(k, lp.shape[-1]), dim=-1)
+        logp.append(top.values.to(hidden.device))
+        idx.append(top.indices.to(hidden.device, torch.int32))  # vocabularies are far below 2^31
+        lp.scatter_(-1, top.indices, float("-inf"))
+        tail.append(torch.logsumexp(lp, -1).to(hidden.device))  # -inf when the top k hold every token
+        del lp
+    return TeacherTopK(torch.cat(logp).view(n, t, -1), torch.cat(idx).view(n, t, -1), torch.cat(tail).view(n, t))
 
 
 def _topk_kl(log_ps: torch.Tensor, t: TeacherTopK, grad: bool) -> tuple[torch.Tensor, torch.Tensor | None]:

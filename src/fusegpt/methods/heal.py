@@ -65,7 +65,7 @@ def lora_heal(job: Job, *, epochs: int | None = None, lr: float | None = None, t
                              warmup=cfg.warmup, clip_grad=cfg.clip_grad)
     groups = [ParamGroup("lora", lora, lr)] + ([ParamGroup("norm", norms, lr)] if norms else [])
     if teacher is not None and topk > 0:
-        teacher = teacher_topk(teacher, LossHead.for_runner(runner), topk, settings.batch_size)
+        teacher = teacher_topk(teacher, LossHead.for_runner(runner), topk, device=runner.device)
         job.flops["train"] += 2.0 * teacher.log_tail.numel() * ad.head_macs_per_token()  # the teacher's head, once
     m0, w0 = runner.macs, runner.weight_macs
     res = train_group(runner, blocks, kinds, x, ids if teacher is None else teacher, groups, settings,
