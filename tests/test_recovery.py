@@ -505,6 +505,32 @@ def test_final_stage_with_a_top_k_teacher(monkeypatch):
         _cfg(final_topk=-1).validate()
 
 
+def test_final_stage_with_a_hidden_state_loss():
+    """--final-loss nmse: the final stage trains against the dense model's final hidden states (no LM head in the
+    step: its FLOPs are the logit KL's less three head passes per trained token), lowers that loss, and leaves the
+    group stage unchanged; a top-k teacher with it is refused."""
+    from fusegpt.adapters import get_adapter
+
+    ids = random_ids(8, 16)
+    kl = compress(tiny_model("llama", 6), _cfg(final_epochs=2, target="dense", lr=1e-2), calib_ids=ids)
+    hs = compress(tiny_model("llama", 6), _cfg(final_epochs=2, target="dense", lr=1e-2, final_loss="nmse"),
+                  calib_ids=ids)
+    assert kl.removed == hs.removed
+    for a, b in zip(kl.steps, hs.steps):
+        assert (a.loss_before, a.loss_after) == (b.loss_before, b.loss_after)
+    fk, fh = kl.steps[-1].extra["final"], hs.steps[-1].extra["final"]
+    assert fk["steps"] == fh["steps"] == 4 and fh["nll_before"] == fk["nll_before"]
+    assert fh["epoch_losses"][1] < fh["epoch_losses"][0]
+    assert fh["nll_after"] != fk["nll_after"]
+    # 3 head passes x 2 epochs x 8 windows x 16 tokens
+    head = 2.0 * 3 * 2 * 8 * 16 * get_adapter(tiny_model("llama", 6)).head_macs_per_token()
+    assert kl.flops["train"] - hs.flops["train"] == pytest.approx(head, rel=1e-9)
+    with pytest.raises(ConfigError, match="final-loss"):
+        _cfg(final_loss="nope").validate()
+    with pytest.raises(ConfigError, match="final-topk"):
+        _cfg(final_loss="nmse", final_topk=8).validate()
+
+
 def test_final_batch_size_sets_the_final_stages_steps_only():
     """--final-batch-size: the final stage takes more, smaller steps on the same windows; the group stage keeps
     --batch-size (same removals, same group losses); a negative value is refused."""

@@ -227,14 +227,15 @@ def _choices(name: str) -> list[str]:
 
         return method_names()
     return {"--mode": list(c.MODES), "--train": list(c.TRAIN_MODES), "--loss": list(c.loss_names()),
-            "--aux-loss": list(c.loss_names()), "--target": list(c.TARGETS), "--order": list(c.order_names()),
+            "--aux-loss": list(c.loss_names()), "--final-loss": list(c.loss_names()), "--target": list(c.TARGETS),
+            "--order": list(c.order_names()),
             "--coef": list(c.coef_kinds()), "--compute-dtype": list(c.COMPUTE),
             "--dtype": list(c.WEIGHT_DTYPES), "--offload": list(c.OFFLOADS),
             "--cache-dtype": ["auto", "fp32"], "--grad-checkpoint": ["auto", "on", "off"]}[name]
 
 
-_CHOICE_FLAGS = ("--method", "--mode", "--train", "--loss", "--aux-loss", "--target", "--order", "--coef",
-                 "--compute-dtype", "--dtype", "--offload", "--cache-dtype", "--grad-checkpoint")
+_CHOICE_FLAGS = ("--method", "--mode", "--train", "--loss", "--aux-loss", "--final-loss", "--target", "--order",
+                 "--coef", "--compute-dtype", "--dtype", "--offload", "--cache-dtype", "--grad-checkpoint")
 _CONFIG_FLAGS = [
     # (flag, type, help) -> CompressConfig field of the same name (dashes -> underscores); the flags of
     # _CHOICE_FLAGS list their accepted values in --help and refuse others
@@ -268,6 +269,8 @@ _CONFIG_FLAGS = [
                                 "fewer = more, smaller steps on the same windows)"),
     ("--final-topk", int, "keep the final stage's teacher as its k most likely tokens and the rest's mass, computed "
                           "once (default 0 = the full distribution at every step)"),
+    ("--final-loss", str, "the final stage's loss against the dense model: logit-kl (next-token KL through the frozen "
+                          "head, default) or a hidden-state loss on the final hidden states (nmse, mse-norm, ...)"),
     ("--warmup", float, "linear lr warm-up over this fraction of each distillation's steps (default 0)"),
     ("--clip-grad", float, "clip the gradient norm of the trained parameters (default 0 = off)"),
     ("--epochs", int, "distillation epochs per removal"),

@@ -95,6 +95,10 @@ class CompressConfig:
     # distribution, the LM head run on the teacher at every step): the KL over those k + 1 outcomes, one head pass
     # per step fewer
     final_topk: int = 0
+    # the final stage's loss against the dense model: logit-kl (its next-token distributions through the frozen final
+    # norm and head) or a hidden-state loss against its final hidden states (nmse, mse, cosine, mse-norm, ...: no LM
+    # head in the step)
+    final_loss: str = "logit-kl"
     # merge every receiving layer into a plain linear after its step (later steps inject the merged weights and
     # no longer train earlier coefficients); False = the reference, which keeps every coefficient trainable
     consolidate: bool = True
@@ -182,6 +186,10 @@ class CompressConfig:
         need(self.final_nsamples >= 0,
              f"--final-nsamples must be >= 0 (0 = the --nsamples windows), got {self.final_nsamples}")
         need(self.final_topk >= 0, f"--final-topk must be >= 0 (0 = the full distribution), got {self.final_topk}")
+        need(self.final_loss in losses, f"--final-loss must be one of {losses}, got {self.final_loss!r}")
+        need(self.final_topk == 0 or self.final_loss == "logit-kl",
+             f"--final-topk keeps the teacher's next-token distributions, which only --final-loss logit-kl uses "
+             f"(got --final-loss {self.final_loss}); drop one of the two")
         need(self.final_batch_size >= 0,
              f"--final-batch-size must be >= 0 (0 = --batch-size), got {self.final_batch_size}")
         need(self.final_epochs == 0 or self.offload != "disk",

@@ -228,7 +228,7 @@ def plan_run(model_name: str, config, *, device: str | None = None, repeats: int
     if mem.final:  # the memory plan has a final stage exactly when the run does
         F, head = L0 - k, units["head_forward"]
         # head forwards per trained token of the final stage's loss (a top-k teacher: its head once, not every step)
-        passes = head_passes("logit-kl") - (config.final_topk > 0)
+        passes = head_passes(config.final_loss) - (config.final_topk > 0)
         # its mini-batches of --final-batch-size windows; a step's time taken as proportional to its windows
         n_f = math.ceil((config.final_nsamples or config.nsamples) / config.final_batch)
         scale = config.final_batch / config.batch_size

@@ -482,9 +482,10 @@ def _joint_span(job: Job, step: int, span: list[int], members: dict[int, list[in
 
 def final_stage(job: Job) -> None:
     """End-to-end distillation after the last fusion: every block's LoRA and norms learn the dense model's
-    next-token distributions (``logit-kl``) on the calibration windows; merged into plain linears. Recorded in the
-    last step's report (``extra["final"]``, ``seconds["final"]``). A resumed run repeats it from the restored
-    model (it is not checkpointed: it runs once, after the last recorded step)."""
+    next-token distributions (``logit-kl``; or its final hidden states with ``--final-loss``) on the calibration
+    windows; merged into plain linears. Recorded in the last step's report (``extra["final"]``,
+    ``seconds["final"]``). A resumed run repeats it from the restored model (it is not checkpointed: it runs once,
+    after the last recorded step)."""
     from .heal import lora_heal
 
     ensure_dense_targets(job, None, final=True)
@@ -496,8 +497,8 @@ def final_stage(job: Job) -> None:
         own = job.final_ids is not None  # --final-nsamples: its own windows, their targets under FINAL_TARGET
         res = lora_heal(job, epochs=cfg.final_epochs, lr=cfg.final_lr,
                         teacher=job.state.targets.get(FINAL_TARGET if own else L0),
-                        ids=job.final_ids, batch_size=cfg.final_batch, topk=cfg.final_topk,
-                        desc="final distillation (logit KL vs dense)")
+                        ids=job.final_ids, batch_size=cfg.final_batch, topk=cfg.final_topk, loss=cfg.final_loss,
+                        desc=f"final distillation ({cfg.final_loss} vs dense)")
     finally:
         runner.grad_checkpoint = group_ckpt
     last = job.state.steps[-1]

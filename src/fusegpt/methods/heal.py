@@ -29,13 +29,15 @@ __all__ = ["run_heal_lora", "lora_heal"]
 
 
 def lora_heal(job: Job, *, epochs: int | None = None, lr: float | None = None, teacher=None, ids=None,
-              batch_size: int | None = None, topk: int = 0, desc: str = "LoRA healing") -> dict:
+              batch_size: int | None = None, topk: int = 0, loss: str = "logit-kl",
+              desc: str = "LoRA healing") -> dict:
     """LoRA fine-tuning of every block of ``job.model`` on the calibration sequences (in place, merged).
 
     Without ``teacher`` the loss is the next-token cross-entropy; with ``teacher`` ([N, T, H], the dense model's
     final hidden states of the same sequences) it is the KL of the next-token distributions against the dense
-    model's (``logit-kl`` through the frozen final norm and head: end-to-end distillation). The norms train too
-    when distilling. ``epochs`` / ``lr`` / ``batch_size`` default to the config's; ``ids`` ([N, T]) to the
+    model's (``logit-kl`` through the frozen final norm and head: end-to-end distillation), or the hidden-state
+    ``loss`` named against them (``nmse``, ``mse-norm``, ...: no LM head in the step). The norms train too when
+    distilling. ``epochs`` / ``lr`` / ``batch_size`` default to the config's; ``ids`` ([N, T]) to the
     calibration windows. ``topk`` > 0 keeps the teacher's distributions as their ``topk`` most likely tokens and
     the rest's mass, computed once (:func:`fusegpt.distill.losses.teacher_topk`), instead of running the LM head
     on the teacher at every step."""
@@ -60,10 +62,13 @@ def lora_heal(job: Job, *, epochs: int | None = None, lr: float | None = None, t
         logits = ad.head(out)
         return next_token_loss(logits, target_ids)
 
-    settings = TrainSettings(loss="logit-kl", epochs=epochs, batch_size=batch_size or cfg.batch_size,
+    settings = TrainSettings(loss=loss, epochs=epochs, batch_size=batch_size or cfg.batch_size,
                              betas=tuple(cfg.betas), weight_decay=cfg.weight_decay, shuffle=cfg.shuffle,
                              warmup=cfg.warmup, clip_grad=cfg.clip_grad)
     groups = [ParamGroup("lora", lora, lr)] + ([ParamGroup("norm", norms, lr)] if norms else [])
+    if topk > 0 and loss != "logit-kl":
+        raise ValueError(f"a top-k teacher keeps next-token distributions, which only the logit-kl loss uses, "
+                         f"not {loss!r}")
     if teacher is not None and topk > 0:
         teacher = teacher_topk(teacher, LossHead.for_runner(runner), topk, device=runner.device)
         job.flops["train"] += 2.0 * teacher.log_tail.numel() * ad.head_macs_per_token()  # the teacher's head, once
@@ -71,8 +76,9 @@ def lora_heal(job: Job, *, epochs: int | None = None, lr: float | None = None, t
     res = train_group(runner, blocks, kinds, x, ids if teacher is None else teacher, groups, settings,
                       generator=job.generator, desc=desc, loss_fn=lm_loss if teacher is None else None)
     job.flops["train"] += lora_training_flops(ad, blocks, runner.macs - m0, runner.weight_macs - w0, res.tokens)
-    # the LM head (frozen): with a teacher the logit KL's passes; cross-entropy: the student's forward + input gradient
-    passes = (head_passes("logit-kl") - (topk > 0)) if teacher is not None else 2
+    # the LM head (frozen): with a teacher its loss's passes (logit KL: 3, or 2 with a top-k teacher; hidden-state
+    # losses: 0); cross-entropy: the student's forward + input gradient
+    passes = (head_passes(loss) - (topk > 0)) if teacher is not None else 2
     job.flops["train"] += 2.0 * passes * res.tokens * ad.head_macs_per_token()
     for b in blocks:
         merge_fused_linears(b)
