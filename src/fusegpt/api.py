@@ -97,15 +97,21 @@ def preflight(model_name: str, config: CompressConfig) -> ModelInfo:
     return info
 
 
+def check_mini_batches(config: CompressConfig, nproc: int | None = None) -> None:
+    """Refuse mini-batches that ``nproc`` processes (default: this run's) cannot split evenly: the group stage's
+    (--batch-size over --nsamples) and, with a final stage, its own (--final-batch-size over its windows)."""
+    from .distributed import check_divisible
+
+    check_divisible(config.batch_size, config.nsamples, nproc)
+    if config.final_epochs > 0:
+        check_divisible(config.final_batch, config.final_nsamples or config.nsamples, nproc, what="--final-nsamples",
+                        batch_what="--final-batch-size" if config.final_batch_size else "--batch-size")
+
+
 def _check_data_parallel(config: CompressConfig) -> None:
     """Under torch.distributed, methods that train split every mini-batch over the processes: refuse uneven ones."""
     if method_info(config.method).kind in ("fuse", "heal"):
-        from .distributed import check_divisible
-
-        check_divisible(config.batch_size, config.nsamples)
-        if config.final_epochs > 0:
-            check_divisible(config.final_batch, config.final_nsamples or config.nsamples, what="--final-nsamples",
-                            batch_what="--final-batch-size" if config.final_batch_size else "--batch-size")
+        check_mini_batches(config)
 
 
 # the methods whose runs end with the final stage when --final-epochs > 0

@@ -175,10 +175,9 @@ def plan_run(model_name: str, config, *, device: str | None = None, repeats: int
     from transformers import AutoModelForCausalLM
 
     from .adapters import check_supported, get_adapter
-    from .api import _memory_plan, available_for_run
+    from .api import _memory_plan, available_for_run, check_mini_batches
     from .config import num_removals
     from .device import choose_compute_dtype, current_rss_bytes, parse_dtype, resolve_device
-    from .distributed import check_divisible
     from .models import inspect_model
 
     info = inspect_model(model_name, weights=False)
@@ -193,10 +192,7 @@ def plan_run(model_name: str, config, *, device: str | None = None, repeats: int
     # the weights are not loaded yet: what --grad-checkpoint auto weighs is what is left once they are
     loading = 0 if config.offload == "disk" else params * parse_dtype(config.dtype).itemsize
     mem = _memory_plan(get_adapter(skeleton), config, compute, available_for_run(dev, loading=loading, nproc=nproc))
-    check_divisible(config.batch_size, config.nsamples, nproc)
-    if config.final_epochs > 0:
-        check_divisible(config.final_batch, config.final_nsamples or config.nsamples, nproc, what="--final-nsamples",
-                        batch_what="--final-batch-size" if config.final_batch_size else "--batch-size")
+    check_mini_batches(config, nproc)  # the plan counts every method as FuseGPT's loop, so it checks them all
     # a rank's distillation step runs B / nproc windows
     units = measure_units(info.config, config, dev, compute, mem.grad_checkpoint, repeats,
                           train_batch=config.batch_size // nproc,
