@@ -73,6 +73,12 @@ def test_plan_counts_the_dense_target_and_the_final_stage(gemma_folder):
                                                 + 2 * (4 * u["block_forward"] + u["head_forward"]))
     assert rep.seconds_total == pytest.approx(sum(rep.phases.values()))
     assert rep.seconds_per_step[-1] > rep.phases["final"]
+    # --final-loss nmse: the final stage's steps run no head (the NLL before and after still does)
+    hs = plan_run(str(gemma_folder), _cfg(target="dense", final_epochs=2, lora_rank=4, final_loss="nmse"),
+                  device="cpu", repeats=1)
+    h = hs.timings
+    assert hs.phases["final"] == pytest.approx(2 * 2 * 4 * h["lora_step"] + 2 * (4 * h["block_forward"]
+                                                                                 + h["head_forward"]))
     # its memory: the formula's final-stage term (all remaining blocks train at once)
     assert rep.memory["final"] > 0 and cur.memory["final"] == 0
     # --final-nsamples 16: 4 mini-batches per final epoch; the 8 extra windows' dense targets (L0 forwards each)
