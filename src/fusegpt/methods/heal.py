@@ -44,6 +44,9 @@ def lora_heal(job: Job, *, epochs: int | None = None, lr: float | None = None, t
     cfg, ad, runner = job.config, job.adapter, job.runner
     if cfg.lora_rank < 1:
         raise ValueError("LoRA healing / the final distillation needs --lora-rank >= 1")
+    if topk > 0 and loss != "logit-kl":
+        raise ValueError(f"a top-k teacher keeps next-token distributions, which only the logit-kl loss uses, "
+                         f"not {loss!r}")
     epochs = cfg.epochs if epochs is None else epochs
     lr = cfg.lr if lr is None else lr
     ids = job.calib_ids if ids is None else ids
@@ -66,9 +69,6 @@ def lora_heal(job: Job, *, epochs: int | None = None, lr: float | None = None, t
                              betas=tuple(cfg.betas), weight_decay=cfg.weight_decay, shuffle=cfg.shuffle,
                              warmup=cfg.warmup, clip_grad=cfg.clip_grad)
     groups = [ParamGroup("lora", lora, lr)] + ([ParamGroup("norm", norms, lr)] if norms else [])
-    if topk > 0 and loss != "logit-kl":
-        raise ValueError(f"a top-k teacher keeps next-token distributions, which only the logit-kl loss uses, "
-                         f"not {loss!r}")
     if teacher is not None and topk > 0:
         teacher = teacher_topk(teacher, LossHead.for_runner(runner), topk, device=runner.device)
         job.flops["train"] += 2.0 * teacher.log_tail.numel() * ad.head_macs_per_token()  # the teacher's head, once
