@@ -154,19 +154,24 @@ def teacher_topk(hidden: torch.Tensor, head: LossHead, k: int, device: torch.dev
     device (the offload device, beside the hidden states)."""
     n, t, width = hidden.shape
     flat = hidden.reshape(-1, width)
-    logp, idx, tail = [], [], []
+    logp = idx = tail = None  # written chunk by chunk (a list + torch.cat would hold the result twice at the end)
     for i in range(0, flat.shape[0], head.chunk):
         with head.autocast():
             lt = head.logits_fn(flat[i : i + head.chunk].to(device or hidden.device))
         lp = F.log_softmax(lt.float(), -1)
         del lt
         top = lp.topk(min(k, lp.shape[-1]), dim=-1)
-        logp.append(top.values.to(hidden.device))
-        idx.append(top.indices.to(hidden.device, torch.int32))  # vocabularies are far below 2^31
+        if logp is None:
+            kk = top.values.shape[-1]
+            logp = torch.empty(n * t, kk, dtype=torch.float32, device=hidden.device)
+            idx = torch.empty(n * t, kk, dtype=torch.int32, device=hidden.device)  # vocabularies are far below 2^31
+            tail = torch.empty(n * t, dtype=torch.float32, device=hidden.device)
+        at = slice(i, i + lp.shape[0])
+        logp[at], idx[at] = top.values, top.indices.to(torch.int32)
         lp.scatter_(-1, top.indices, float("-inf"))
-        tail.append(torch.logsumexp(lp, -1).to(hidden.device))  # -inf when the top k hold every token
+        tail[at] = torch.logsumexp(lp, -1)  # -inf when the top k hold every token
         del lp
-    return TeacherTopK(torch.cat(logp).view(n, t, -1), torch.cat(idx).view(n, t, -1), torch.cat(tail).view(n, t))
+    return TeacherTopK(logp.view(n, t, -1), idx.view(n, t, -1), tail.view(n, t))
 
 
 def _topk_kl(log_ps: torch.Tensor, t: TeacherTopK, grad: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
