@@ -531,6 +531,34 @@ def test_final_stage_with_a_hidden_state_loss():
         _cfg(final_loss="nmse", final_topk=8).validate()
 
 
+def test_coefficient_only_group_stage_with_a_final_stage(monkeypatch):
+    """--train coef with a final stage: the group stage's receivers carry no LoRA (nothing of it is formed or
+    differentiated there), the final stage still puts --lora-rank LoRA on every block and lowers its loss, and the
+    result is a plain model."""
+    import fusegpt.methods.fusegpt as fg
+    from fusegpt.fusion import FusedLinear
+
+    ranks = []
+    real = fg.train_group
+
+    def spy(runner, blocks, kinds, x, y, groups, settings, **kw):
+        fused = [m for b in blocks for m in b.modules() if isinstance(m, FusedLinear)]
+        ranks.append({0 if m.lora_A is None else m.lora_A.shape[0] for m in fused})
+        return real(runner, blocks, kinds, x, y, groups, settings, **kw)
+
+    monkeypatch.setattr(fg, "train_group", spy)
+    import fusegpt.methods.heal as heal
+
+    monkeypatch.setattr(heal, "train_group", spy)
+    model = tiny_model("llama", 6)
+    rep = compress(model, _cfg(remove=2, train="coef", final_epochs=4, final_lr=1e-2, target="dense", lora_rank=4),
+                   calib_ids=random_ids(8, 16))
+    assert ranks == [{0}, {0}, {4}]  # two group stages without LoRA, then the final stage's rank-4 LoRA
+    final = rep.steps[-1].extra["final"]
+    assert final["steps"] == 8 and final["epoch_losses"][-1] < final["epoch_losses"][0]
+    assert not any(isinstance(m, FusedLinear) for m in model.modules())
+
+
 def test_final_batch_size_sets_the_final_stages_steps_only():
     """--final-batch-size: the final stage takes more, smaller steps on the same windows; the group stage keeps
     --batch-size (same removals, same group losses); a negative value is refused."""

@@ -245,6 +245,14 @@ class CompressConfig:
         return self
 
     @property
+    def group_lora_rank(self) -> int:
+        """LoRA rank of the receivers in the group stage: ``--lora-rank`` when LoRA trains there
+        (``--train coef+lora``), else 0 (``coef``: only the coefficients train, ``full``: the weights themselves;
+        LoRA that never trains would still be formed and differentiated at every step). The final stage has its
+        own LoRA (``--lora-rank``) whatever ``--train`` says."""
+        return self.lora_rank if self.train == "coef+lora" else 0
+
+    @property
     def final_batch(self) -> int:
         """Sequences per optimizer step of the final stage (``--final-batch-size``, else ``--batch-size``)."""
         return self.final_batch_size or self.batch_size

@@ -124,7 +124,7 @@ def measure_units(config, cfg, device: torch.device, compute: torch.dtype | None
         units["head_forward"] = (text.hidden_size * text.vocab_size / ad.block_macs_per_token(blocks[0], cfg.seqlen)
                                  * units["block_forward"])
     inject_donor(ad, blocks[1], [blocks[0]], coef_kind=cfg.coef, coef_rank=cfg.coef_rank,
-                 lora_rank=0 if cfg.train == "full" else cfg.lora_rank, generator=g)
+                 lora_rank=cfg.group_lora_rank, generator=g)
     for _, fl in fused_linears(blocks[0]):
         fl.checkpoint = grad_checkpoint
     units["fused_forward"] = _median_time(lambda: runner.run([blocks[0]], kinds[:1], x), repeats, device)

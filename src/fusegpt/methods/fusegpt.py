@@ -269,7 +269,7 @@ def _fuse_and_distill(job: Job, step: int, p: int, recv: list[int], span: list[i
     student = [blocks[i] for i in span if i != p]
     skinds = [kinds[i] for i in span if i != p]
     inject_donor(ad, blocks[p], receiving, coef_kind=cfg.coef, coef_rank=cfg.coef_rank,
-                 lora_rank=0 if cfg.train == "full" else cfg.lora_rank, generator=job.generator,
+                 lora_rank=cfg.group_lora_rank, generator=job.generator,
                  fold_norms=cfg.fold_norms)
     desc = f"{tag} fusing block {orig[p]} into {orig[recv[0]]}..{orig[recv[-1]]}"
     return _distill(job, step, student, skinds, receiving, x, y, sec, desc)
@@ -470,7 +470,7 @@ def _joint_span(job: Job, step: int, span: list[int], members: dict[int, list[in
         for b, recv in members.items():
             inject_donor(ad, blocks[job.state.current(b)], [blocks[job.state.current(r)] for r in recv],
                          coef_kind=cfg.coef, coef_rank=cfg.coef_rank,
-                         lora_rank=0 if cfg.train == "full" else cfg.lora_rank, generator=job.generator,
+                         lora_rank=cfg.group_lora_rank, generator=job.generator,
                          fold_norms=cfg.fold_norms)
         kept = [b for b in span if b not in members]
         student = [blocks[job.state.current(b)] for b in kept]
