@@ -536,6 +536,7 @@ def test_coefficient_only_group_stage_with_a_final_stage(monkeypatch):
     differentiated there), the final stage still puts --lora-rank LoRA on every block and lowers its loss, and the
     result is a plain model."""
     import fusegpt.methods.fusegpt as fg
+    import fusegpt.methods.heal as heal
     from fusegpt.fusion import FusedLinear
 
     ranks = []
@@ -547,8 +548,6 @@ def test_coefficient_only_group_stage_with_a_final_stage(monkeypatch):
         return real(runner, blocks, kinds, x, y, groups, settings, **kw)
 
     monkeypatch.setattr(fg, "train_group", spy)
-    import fusegpt.methods.heal as heal
-
     monkeypatch.setattr(heal, "train_group", spy)
     model = tiny_model("llama", 6)
     rep = compress(model, _cfg(remove=2, train="coef", final_epochs=4, final_lr=1e-2, target="dense", lora_rank=4),
