@@ -37,12 +37,49 @@ def test_auto_is_forced_by_the_environment(monkeypatch):
         dev.choose_compute_dtype(CPU, "auto")
 
 
+@pytest.mark.parametrize("flags", [True, None])  # the flags name bf16 instructions, or cannot be read
 @pytest.mark.parametrize("fp32,bf16,want", [(1.0, 2.4, torch.bfloat16), (1.0, 1.2, None), (80.0, 1.0, None)])
-def test_auto_measures_when_not_forced(monkeypatch, fp32, bf16, want):
+def test_auto_measures_when_not_forced(monkeypatch, flags, fp32, bf16, want):
     monkeypatch.delenv(dev.AUTO_DTYPE_ENV, raising=False)
+    monkeypatch.setattr(dev, "cpu_has_native_bf16", lambda: flags)
     speed = {torch.float32: fp32, torch.bfloat16: bf16}
     monkeypatch.setattr(dev, "matmul_flops_per_second", lambda d, dtype, n=0, repeats=0: speed[dtype])
     assert dev.choose_compute_dtype(CPU, "auto") == want
+
+
+def test_auto_is_fp32_without_measuring_where_the_flags_show_no_bf16(monkeypatch):
+    monkeypatch.delenv(dev.AUTO_DTYPE_ENV, raising=False)
+    monkeypatch.setattr(dev, "cpu_has_native_bf16", lambda: False)
+
+    def never(*args, **kwargs):
+        raise AssertionError("measured although the flags settle it")
+
+    monkeypatch.setattr(dev, "matmul_flops_per_second", never)
+    assert dev.choose_compute_dtype(CPU, "auto") is None
+
+
+def test_one_slow_fp32_reading_does_not_pick_bf16(monkeypatch):
+    # the failure seen on a 2-core VM without native bf16: fp32 measured in a slow moment (here 10 against its
+    # usual 100) once made auto choose bf16, which runs 2.5x slower there; the readings are interleaved and the
+    # fastest of each dtype compared
+    monkeypatch.delenv(dev.AUTO_DTYPE_ENV, raising=False)
+    monkeypatch.setattr(dev, "cpu_has_native_bf16", lambda: None)
+    readings = {torch.float32: iter([10.0, 100.0, 100.0]), torch.bfloat16: iter([40.0, 40.0, 40.0])}
+    monkeypatch.setattr(dev, "matmul_flops_per_second", lambda d, dtype, n=0, repeats=0: next(readings[dtype]))
+    assert dev.bf16_speedup(CPU) == pytest.approx(0.4)
+    readings = {torch.float32: iter([10.0, 100.0, 100.0]), torch.bfloat16: iter([40.0, 40.0, 40.0])}
+    assert dev.choose_compute_dtype(CPU, "auto") is None
+
+
+@pytest.mark.parametrize("cpuinfo,want", [
+    ("processor\t: 0\nflags\t\t: fpu sse avx2 avx512f avx512_bf16 amx_tile\n", True),
+    ("processor\t: 0\nflags\t\t: fpu sse avx2 avx512f avx512_vnni\n", False),  # AVX-512 but no bf16
+    ("processor\t: 0\nFeatures\t: fp asimd sve bf16 i8mm\n", True),  # Arm FEAT_BF16 (e.g. Neoverse V1)
+    ("processor\t: 0\nFeatures\t: fp asimd evtstrm crc32\n", False),
+    ("", None),  # nothing readable: measure instead
+])
+def test_cpu_flags_parsing(cpuinfo, want):
+    assert dev.cpu_has_native_bf16(cpuinfo) is want
 
 
 def _mi(model, dtype):

@@ -22,6 +22,8 @@ __all__ = [
     "current_rss_bytes",
     "parse_dtype",
     "choose_compute_dtype",
+    "cpu_has_native_bf16",
+    "bf16_speedup",
     "AUTO_DTYPE_ENV",
     "auto_dtype_override",
 ]
@@ -274,8 +276,9 @@ def auto_dtype_override() -> str | None:
 
 
 def choose_compute_dtype(device: torch.device, requested: str) -> torch.dtype | None:
-    """'fp32' -> None (no autocast); 'bf16'/'fp16' as asked; 'auto' -> bf16 only where a measured matmul runs at
-    least 1.3x faster than fp32 (CPUs without native bf16 run it ~80x slower).
+    """'fp32' -> None (no autocast); 'bf16'/'fp16' as asked; 'auto' -> on a CPU, fp32 where its feature flags show
+    no bf16 instructions (such CPUs run bf16 4-80x slower), else bf16 only where a measured matmul runs at least
+    1.3x faster than fp32 (:func:`bf16_speedup`).
 
     The environment variable ``FUSEGPT_AUTO_DTYPE`` (``fp32`` or ``bf16``) forces what ``auto`` resolves to, so a
     test suite (or a user) gets the same arithmetic on every machine; it never overrides an explicit request.
@@ -290,6 +293,38 @@ def choose_compute_dtype(device: torch.device, requested: str) -> torch.dtype | 
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else None
     if device.type != "cpu":
         return None
-    fp32 = matmul_flops_per_second(device, torch.float32, n=256, repeats=3)
-    bf16 = matmul_flops_per_second(device, torch.bfloat16, n=256, repeats=3)
-    return torch.bfloat16 if bf16 >= 1.3 * fp32 else None
+    if cpu_has_native_bf16() is False:  # the flags say no bf16 instructions: never faster, do not measure
+        return None
+    return torch.bfloat16 if bf16_speedup(device) >= 1.3 else None
+
+
+# CPU feature flags of bf16 matmul instructions: x86 (AVX-512 BF16, AMX), Arm (FEAT_BF16, /proc/cpuinfo "bf16")
+_BF16_FLAGS = frozenset({"avx512_bf16", "amx_bf16", "bf16"})
+
+
+def cpu_has_native_bf16(cpuinfo: str | None = None) -> bool | None:
+    """Whether the CPU's feature flags (Linux ``/proc/cpuinfo``: x86 ``flags``, Arm ``Features``) name bf16 matmul
+    instructions; None where no flags can be read (another OS), and ``auto`` then decides by measurement alone."""
+    if cpuinfo is None:
+        try:
+            with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+                cpuinfo = f.read()
+        except OSError:
+            return None
+    flags: set[str] = set()
+    for line in cpuinfo.splitlines():
+        key, sep, value = line.partition(":")
+        if sep and key.strip().lower() in ("flags", "features"):
+            flags.update(value.lower().split())
+    return bool(flags & _BF16_FLAGS) if flags else None
+
+
+def bf16_speedup(device: torch.device, n: int = 512, rounds: int = 3) -> float:
+    """bf16 matmul throughput over fp32's: the fastest of each over ``rounds`` interleaved measurements (fp32, bf16,
+    fp32, bf16, ...), so that a slow moment of the machine cannot fall on one dtype only. A single fp32 reading
+    taken in such a moment once made ``auto`` pick bf16 on a CPU where it runs 4x slower (docs/RESULTS.md)."""
+    best = {torch.float32: 0.0, torch.bfloat16: 0.0}
+    for _ in range(rounds):
+        for dtype in best:
+            best[dtype] = max(best[dtype], matmul_flops_per_second(device, dtype, n=n, repeats=3))
+    return best[torch.bfloat16] / best[torch.float32]
