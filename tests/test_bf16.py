@@ -71,6 +71,56 @@ def test_one_slow_fp32_reading_does_not_pick_bf16(monkeypatch):
     assert dev.choose_compute_dtype(CPU, "auto") is None
 
 
+def test_compress_decides_auto_once_for_the_plan_and_the_run(tiny_folder, tmp_path, monkeypatch):
+    """The plan printed at start and the run compute in one dtype: ``auto`` is decided once (a second measurement
+    could disagree with the first: here it would say bf16)."""
+    import json
+
+    from fusegpt.cli import main
+
+    readings = iter([1.0, 2.0])
+    calls = []
+    monkeypatch.delenv(dev.AUTO_DTYPE_ENV, raising=False)
+    monkeypatch.setattr(dev, "cpu_has_native_bf16", lambda: True)
+    monkeypatch.setattr(dev, "bf16_speedup", lambda d, n=512, rounds=3: calls.append(d) or next(readings))
+    out = tmp_path / "out"
+    assert main(["compress", str(tiny_folder), "--out", str(out), "--remove", "1", "--nsamples", "4",
+                 "--score-samples", "4", "--seqlen", "32", "--epochs", "1", "--group-size", "3", "--batch-size", "4",
+                 "--compute-dtype", "auto", "--no-consolidate"]) == 0
+    rep = json.loads((out / "fusegpt_report.json").read_text())
+    assert len(calls) == 1
+    assert rep["compute_dtype"] == rep["plan"]["plan"]["compute_dtype"] == "torch.float32"
+
+
+_RANKS = """
+import torch
+from fusegpt import api, distributed
+from fusegpt.config import CompressConfig
+
+distributed.init_from_env("cpu")
+# the two processes measure differently: rank 1 would pick bf16
+api.choose_compute_dtype = lambda d, req: torch.bfloat16 if distributed.rank() == 1 else None
+got = api.resolve_compute_dtype(CompressConfig(compute_dtype="auto", device="cpu"))
+print(f"rank {distributed.rank()}: {got}")
+distributed.shutdown()
+"""
+
+
+def test_every_rank_takes_rank_0s_auto_dtype(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    script = tmp_path / "ranks.py"
+    script.write_text(_RANKS)
+    res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+                          str(script)], capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
+    assert sorted(line for line in res.stdout.splitlines() if line.startswith("rank")) == [
+        "rank 0: torch.float32", "rank 1: torch.float32"]
+
+
 @pytest.mark.parametrize("cpuinfo,want", [
     ("processor\t: 0\nflags\t\t: fpu sse avx2 avx512f avx512_bf16 amx_tile\n", True),
     ("processor\t: 0\nflags\t\t: fpu sse avx2 avx512f avx512_vnni\n", False),  # AVX-512 but no bf16

@@ -38,7 +38,7 @@ from .report import versions
 
 log = logging.getLogger(__name__)
 
-__all__ = ["CompressReport", "compress", "calibration_windows", "preflight"]
+__all__ = ["CompressReport", "compress", "calibration_windows", "preflight", "resolve_compute_dtype"]
 
 
 @dataclass
@@ -145,10 +145,24 @@ def calibration_windows(tokenizer, cfg: CompressConfig, heldout: int = 0) -> tor
     return torch.stack([ids[s : s + cfg.seqlen] for s in starts + more + held])
 
 
+def resolve_compute_dtype(config: CompressConfig, device: torch.device | None = None) -> torch.dtype:
+    """The dtype a run computes in (``torch.float32``: no autocast): ``config.compute_dtype`` with ``auto`` decided
+    on ``device`` (default: the config's) by :func:`fusegpt.device.choose_compute_dtype`. A run decides it once and
+    hands it to the plan and to :func:`compress` (``auto`` may measure, and two measurements may disagree); under
+    torch.distributed every rank takes rank 0's decision, so the processes cannot compute in different dtypes."""
+    from .distributed import broadcast_from_main
+
+    dt = choose_compute_dtype(resolve_device(config.device) if device is None else device, config.compute_dtype)
+    dt = dt or torch.float32
+    return broadcast_from_main(dt) if config.compute_dtype == "auto" else dt
+
+
 def _prepare_job(model, config: CompressConfig, *, tokenizer=None, calib_ids: torch.Tensor | None = None,
-                 on_step: Callable[[StepReport], None] | None = None, store=None) -> tuple[Job, dict[str, Any]]:
-    """What compress and search share: the model on its device and frozen, the compute dtype, the runner, the memory
-    plan and the Job (with held-out windows when the method asks for them). Returns (job, setup facts)."""
+                 on_step: Callable[[StepReport], None] | None = None, store=None,
+                 compute_dtype: torch.dtype | None = None) -> tuple[Job, dict[str, Any]]:
+    """What compress and search share: the model on its device and frozen, the compute dtype (``compute_dtype``
+    when the caller decided it, else :func:`resolve_compute_dtype`), the runner, the memory plan and the Job (with
+    held-out windows when the method asks for them). Returns (job, setup facts)."""
     adapter = get_adapter(model)
     L0 = adapter.num_blocks
     config.validate(L0)
@@ -176,7 +190,8 @@ def _prepare_job(model, config: CompressConfig, *, tokenizer=None, calib_ids: to
     model.eval()
     for p in model.parameters():
         p.requires_grad_(False)
-    compute = choose_compute_dtype(device, config.compute_dtype)
+    compute = compute_dtype if compute_dtype is not None else resolve_compute_dtype(config, device)
+    compute = None if compute == torch.float32 else compute
     stored = next(model.parameters()).dtype
     if compute is None and master_dtype(stored) != stored:
         # half-precision weights compute in their dtype (autocast), so fp32 masters and half weights mix safely
@@ -212,6 +227,7 @@ def compress(
     resume: bool = False,
     source_fingerprint: str | None = None,
     store=None,
+    compute_dtype: torch.dtype | None = None,
 ) -> CompressReport:
     """Compress ``model`` in place with ``config.method``; returns the report.
 
@@ -222,8 +238,11 @@ def compress(
     the run recorded there (refused, naming the difference, when config, compute dtype, ``source_fingerprint``
     or calibration windows differ). ``store``: the :class:`fusegpt.offload.BlockStore` of a model loaded with its
     blocks on disk (``load_model(..., blocks_on_disk=True)``); blocks are then loaded only while used.
+    ``compute_dtype``: the dtype the caller already decided (:func:`resolve_compute_dtype`; ``torch.float32`` = no
+    autocast); default: decided here from ``config.compute_dtype``.
     """
-    job, setup = _prepare_job(model, config, tokenizer=tokenizer, calib_ids=calib_ids, on_step=on_step, store=store)
+    job, setup = _prepare_job(model, config, tokenizer=tokenizer, calib_ids=calib_ids, on_step=on_step, store=store,
+                              compute_dtype=compute_dtype)
     adapter, plan = job.adapter, job.memory_plan
     device, compute, peak = setup["device"], setup["compute"], setup["peak"]
     L0, params_before, baseline = setup["num_blocks"], setup["params_before"], setup["baseline"]

@@ -25,7 +25,8 @@ from typing import Iterable, Sequence
 import torch
 
 __all__ = ["init_from_env", "world_size", "rank", "is_main", "shard", "split_batch", "gather_batch",
-           "all_reduce_grads", "all_reduce_sum", "gather_scores", "barrier", "shutdown", "DistributedError"]
+           "all_reduce_grads", "all_reduce_sum", "gather_scores", "broadcast_from_main", "barrier", "shutdown",
+           "DistributedError"]
 
 
 class DistributedError(ValueError):
@@ -143,6 +144,17 @@ def all_reduce_sum(values: Sequence[float]) -> list[float]:
     t = torch.tensor([float(v) for v in values], dtype=torch.float64, device=dev)
     d.all_reduce(t)
     return t.cpu().tolist()
+
+
+def broadcast_from_main(obj):
+    """Rank 0's ``obj`` on every rank (a picklable value: a decision that every rank must share, such as a dtype
+    chosen by measurement, which two processes could otherwise measure differently); ``obj`` itself alone."""
+    d = _dist()
+    if d is None:
+        return obj
+    box = [obj]
+    d.broadcast_object_list(box, src=0)
+    return box[0]
 
 
 def gather_scores(n: int, mine: dict[int, float]) -> list[float]:

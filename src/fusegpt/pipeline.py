@@ -7,7 +7,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .api import CompressReport, compress, preflight
+from .api import CompressReport, compress, preflight, resolve_compute_dtype
 from .config import CompressConfig
 from .evaluate import evaluate_perplexity
 from .export import OutputExistsError, check_output_dir, check_writable, export_model
@@ -88,7 +88,9 @@ def run_compression(
     elif is_main():  # under torch.distributed rank 0 alone writes --out
         check_output_dir(out, overwrite)
     preflight(model_name, config)  # every refusal happens here, before loading
-    plan = plan_run(model_name, config, nproc=world_size()) if method_info(config.method).kind == "fuse" else None
+    compute = resolve_compute_dtype(config)  # once: the plan times the dtype the run computes in
+    plan = (plan_run(model_name, config, nproc=world_size(), compute_dtype=compute)
+            if method_info(config.method).kind == "fuse" else None)
     if plan is not None:
         log.info("%s", format_plan(plan))
     store = None
@@ -104,7 +106,7 @@ def run_compression(
         loaded = load_model(model_name, dtype=weight_dtype(config.dtype))
     report = compress(loaded.model, config, tokenizer=loaded.tokenizer, source_model=model_name,
                       checkpoint_dir=out / RUN_DIR, resume=resume, source_fingerprint=source_fingerprint(model_name),
-                      store=store)
+                      store=store, compute_dtype=compute)
     if plan is not None:
         report.plan = {"predicted_seconds": plan.seconds_total, "measured_seconds": report.seconds,
                        "predicted_peak_bytes": plan.peak_bytes,

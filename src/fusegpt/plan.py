@@ -168,8 +168,11 @@ def measure_units(config, cfg, device: torch.device, compute: torch.dtype | None
     return units
 
 
-def plan_run(model_name: str, config, *, device: str | None = None, repeats: int = 3, nproc: int = 1) -> PlanReport:
+def plan_run(model_name: str, config, *, device: str | None = None, repeats: int = 3, nproc: int = 1,
+             compute_dtype: torch.dtype | None = None) -> PlanReport:
     """Predict the cost of ``fusegpt compress model_name`` with ``config`` (nothing is loaded but the config).
+    ``compute_dtype``: the run's dtype when the caller decided it (``torch.float32`` = no autocast), else decided
+    here from ``config.compute_dtype``.
     ``nproc``: data-parallel processes (torchrun; ``fusegpt.distributed``): the scoring sweep's candidates and each
     mini-batch are split over them (a mini-batch of B / nproc windows is timed), the rest runs on every one."""
     from transformers import AutoModelForCausalLM
@@ -184,7 +187,8 @@ def plan_run(model_name: str, config, *, device: str | None = None, repeats: int
     check_supported(info.config)
     config.validate(info.num_blocks, info.max_positions)
     dev = resolve_device(device or config.device)
-    compute = choose_compute_dtype(dev, config.compute_dtype)
+    compute = compute_dtype if compute_dtype is not None else choose_compute_dtype(dev, config.compute_dtype)
+    compute = None if compute == torch.float32 else compute
     L0, k = info.num_blocks, num_removals(config, info.num_blocks)
     with torch.device("meta"):
         skeleton = AutoModelForCausalLM.from_config(info.config)
