@@ -451,6 +451,29 @@ def test_memory_formula_does_not_depend_on_depth():
     # --final-topk 64: the teacher's 64 log-probabilities and ids and its tail's mass per token of the final windows
     f_top = estimate_memory(**kw, **fin, grad_checkpoint=False, final_topk=64)
     assert f_top.final - f_off.final == 128 * 1024 * (8 * 64 + 4)
+    # a final loss on hidden states reads no logits (vocab 0); a group loss that does (logit-kl) holds one chunk
+    f_hid = estimate_memory(**kw, **{**fin, "vocab": 0}, grad_checkpoint=False)
+    assert f_off.final - f_hid.final == 6 * 512 * 49152 * 4 and f_hid.training == f_off.training
+    kl = estimate_memory(**kw, grad_checkpoint=False, head_vocab=49152)
+    assert kl.training - est.training == 6 * 512 * 49152 * 4 and kl.final == 0
+
+
+def test_memory_plan_counts_logits_only_for_losses_that_read_them():
+    """The run's memory plan gives the formula the vocabulary only where the group or final loss reads logits."""
+    from fusegpt.api import _memory_plan
+
+    ad = get_adapter(tiny_model("llama", 6))
+    v = ad.model.lm_head.out_features
+
+    def plan(**kw):
+        return _memory_plan(ad, CompressConfig(remove=1, sparsity=None, nsamples=8, seqlen=16, batch_size=4, **kw),
+                            None).inputs
+
+    assert plan()["head_vocab"] == 0 and "vocab" not in plan()
+    assert plan(loss="logit-kl")["head_vocab"] == v
+    assert plan(aux_loss="logit-kl", aux_weight=0.5)["head_vocab"] == v
+    assert plan(final_epochs=1)["vocab"] == v  # the final stage's default loss is logit-kl
+    assert plan(final_epochs=1, final_loss="mse")["vocab"] == 0
 
 
 def test_heap_trimming_only_when_on_and_only_on_growth(monkeypatch):

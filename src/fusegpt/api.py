@@ -17,6 +17,7 @@ from .activations import Runner, cache_dtype
 from .adapters import check_supported, get_adapter
 from .config import CompressConfig, ConfigError, num_removals
 from .data import check_window_count, heldout_starts, load_text, sample_starts, tokenize_text
+from .distill.losses import head_passes
 from .device import (
     auto_dtype_override,
     available_memory_bytes,
@@ -337,6 +338,8 @@ def _memory_plan(adapter, config: CompressConfig, compute: torch.dtype | None,
               receiver_linear_params=g * sum(o * i for o, i, _ in lins), largest_linear=max(o * i for o, i, _ in lins),
               block_bytes=4 * sum(p.numel() for p in block.parameters()),
               targets=dense_target_count(config, adapter.num_blocks),
+              head_vocab=(adapter.model.lm_head.out_features
+                          if head_passes(config.loss, config.aux_loss, config.aux_weight) else 0),
               **_final_stage_sizes(adapter, config, lins, norms))
     off = estimate_memory(**kw, grad_checkpoint=False)
     with_ckpt = estimate_memory(**kw, grad_checkpoint=True)
@@ -373,7 +376,8 @@ def _final_stage_sizes(adapter, config: CompressConfig, lins: list[tuple[int, in
         return {}
     f = adapter.num_blocks - num_removals(config, adapter.num_blocks)
     return {"final_blocks": f, "final_trainable": f * (lora_params(lins, config.lora_rank) + norms),
-            "vocab": adapter.model.lm_head.out_features, "final_windows": config.final_nsamples or config.nsamples,
+            "vocab": adapter.model.lm_head.out_features if head_passes(config.final_loss) else 0,
+            "final_windows": config.final_nsamples or config.nsamples,
             "final_batch": config.final_batch, "final_topk": config.final_topk}
 
 

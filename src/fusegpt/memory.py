@@ -27,7 +27,9 @@ MLP width I), the group (G receivers, mini-batch B) and the cache policy (R resi
   inputs of F blocks and one block's rest), plus its embedded windows (N_f x T x H x 4, N_f = ``--final-nsamples``
   or N; beyond N also their dense targets, (N_f - N) x T x H x b_cache) and one chunk of
   the logit-KL (``LOGIT_CHUNK`` = 512 tokens x V: student and teacher logits, their log-softmax and the gradient,
-  6 x 512 x V x 4).
+  6 x 512 x V x 4) when its loss reads the logits (``--final-loss logit-kl``; none for a hidden-state loss);
+- a group loss that reads the logits (``--loss logit-kl``, or it as the weighted ``--aux-loss``) adds the same
+  chunk to the training term.
 """
 
 from __future__ import annotations
@@ -117,6 +119,7 @@ def estimate_memory(
     cache_entries: int | None, cache_bytes: int, offload: str, trainable: int, receiver_linear_params: int,
     largest_linear: int, grad_checkpoint: bool, calib_resident: int | None = None, score_resident: int | None = None,
     block_bytes: int = 0, targets: int = 0, final_blocks: int = 0, final_trainable: int = 0, vocab: int = 0,
+    head_vocab: int = 0,
     final_checkpoint: bool | None = None, final_windows: int = 0, final_batch: int = 0, final_topk: int = 0,
 ) -> MemoryEstimate:
     """The formula of the module docstring.
@@ -126,7 +129,8 @@ def estimate_memory(
     boundaries held (D). ``receiver_linear_params``: out x
     in summed over the receivers' linears; ``heads``: attention heads (SDPA on the CPU materialises the T x T
     scores and probabilities of a block, and their gradients in backward). The final stage: ``final_blocks`` (F,
-    0 = none), ``final_trainable`` (its trainable parameters over all F blocks), ``vocab``; ``final_checkpoint``:
+    0 = none), ``final_trainable`` (its trainable parameters over all F blocks), ``vocab`` (the width of the logits its
+    loss reads; 0 = a hidden-state loss); ``head_vocab``: the same for the group loss; ``final_checkpoint``:
     gradient checkpointing in the final stage (default: as ``grad_checkpoint``); ``final_windows``: its windows
     (0 = n; more also holds their dense targets beside the D boundaries); ``final_batch``: its windows per step
     (0 = ``batch``); ``final_topk``: the teacher's top-k tokens kept per token (k log-probabilities and ids, the
@@ -155,12 +159,13 @@ def estimate_memory(
         # adds three attention-sized gradients, and one layer at a time its weight temporaries (4 x out x in)
         return blocks * (tokens * per_tok + att + 4 * w_block) + 3 * att + 16 * largest_linear
 
-    training = 20 * trainable + backward_bytes(group, grad_checkpoint, batch)
+    from .distill.losses import LOGIT_CHUNK
+
+    training = (20 * trainable + backward_bytes(group, grad_checkpoint, batch)
+                + 6 * min(LOGIT_CHUNK, batch * t) * head_vocab * 4)
     final = 0
     final_checkpoint = grad_checkpoint if final_checkpoint is None else final_checkpoint
     if final_blocks:
-        from .distill.losses import LOGIT_CHUNK
-
         nf, bf = final_windows or n, final_batch or batch
         final = (20 * final_trainable + backward_bytes(final_blocks, final_checkpoint, bf) + nf * t * hidden * 4
                  + max(nf - n, 0) * entry + 6 * min(LOGIT_CHUNK, bf * t) * vocab * 4
