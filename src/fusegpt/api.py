@@ -158,6 +158,13 @@ def resolve_compute_dtype(config: CompressConfig, device: torch.device | None = 
     return broadcast_from_main(dt) if config.compute_dtype == "auto" else dt
 
 
+def _autocast_dtype(config: CompressConfig, device: torch.device, decided: torch.dtype | None) -> torch.dtype | None:
+    """The autocast dtype of a run (None: fp32, no autocast) for the runner and the plan: ``decided`` when the
+    caller resolved it (:func:`resolve_compute_dtype`), else resolved here on ``device``."""
+    dt = decided if decided is not None else resolve_compute_dtype(config, device)
+    return None if dt == torch.float32 else dt
+
+
 def _prepare_job(model, config: CompressConfig, *, tokenizer=None, calib_ids: torch.Tensor | None = None,
                  on_step: Callable[[StepReport], None] | None = None, store=None,
                  compute_dtype: torch.dtype | None = None) -> tuple[Job, dict[str, Any]]:
@@ -191,8 +198,7 @@ def _prepare_job(model, config: CompressConfig, *, tokenizer=None, calib_ids: to
     model.eval()
     for p in model.parameters():
         p.requires_grad_(False)
-    compute = compute_dtype if compute_dtype is not None else resolve_compute_dtype(config, device)
-    compute = None if compute == torch.float32 else compute
+    compute = _autocast_dtype(config, device, compute_dtype)
     stored = next(model.parameters()).dtype
     if compute is None and master_dtype(stored) != stored:
         # half-precision weights compute in their dtype (autocast), so fp32 masters and half weights mix safely

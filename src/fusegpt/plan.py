@@ -178,17 +178,16 @@ def plan_run(model_name: str, config, *, device: str | None = None, repeats: int
     from transformers import AutoModelForCausalLM
 
     from .adapters import check_supported, get_adapter
-    from .api import _memory_plan, available_for_run, check_mini_batches
+    from .api import _autocast_dtype, _memory_plan, available_for_run, check_mini_batches
     from .config import num_removals
-    from .device import choose_compute_dtype, current_rss_bytes, parse_dtype, resolve_device
+    from .device import current_rss_bytes, parse_dtype, resolve_device
     from .models import inspect_model
 
     info = inspect_model(model_name, weights=False)
     check_supported(info.config)
     config.validate(info.num_blocks, info.max_positions)
     dev = resolve_device(device or config.device)
-    compute = compute_dtype if compute_dtype is not None else choose_compute_dtype(dev, config.compute_dtype)
-    compute = None if compute == torch.float32 else compute
+    compute = _autocast_dtype(config, dev, compute_dtype)
     L0, k = info.num_blocks, num_removals(config, info.num_blocks)
     with torch.device("meta"):
         skeleton = AutoModelForCausalLM.from_config(info.config)
