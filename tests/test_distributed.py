@@ -49,6 +49,30 @@ def test_two_gloo_processes_equal_one(tiny_folder, tmp_path, loss):
     assert not any(p.name.startswith(".fusegpt-run") for p in two.iterdir())
 
 
+def test_two_processes_stream_blocks_from_disk(tiny_folder, tmp_path):
+    """--offload disk under torchrun: the ranks change the same blocks, rank 0 alone writes them to the run's work
+    folder (two writers of one file broke the run) and every rank reads them back; the result equals one process
+    holding the model in memory (no final stage in either: it cannot stream)."""
+    from transformers import AutoModelForCausalLM
+
+    one, two = tmp_path / "one", tmp_path / "two"
+    _run([sys.executable, "-m", "fusegpt", "compress", str(tiny_folder), *ARGS, "--final-epochs", "0", "--out",
+          str(one)])
+    _run(_torchrun(2, ["compress", str(tiny_folder), *ARGS, "--offload", "disk", "--out", str(two)]))
+    a = json.loads((one / "fusegpt_report.json").read_text())
+    b = json.loads((two / "fusegpt_report.json").read_text())
+    assert a["removed"] == b["removed"]
+    assert [s["loss_after"] for s in a["steps"]] == pytest.approx([s["loss_after"] for s in b["steps"]], rel=1e-4)
+    wa = AutoModelForCausalLM.from_pretrained(one).state_dict()
+    wb = AutoModelForCausalLM.from_pretrained(two).state_dict()  # one shard per block
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        scale = wa[k].abs().max().clamp_min(1e-6)
+        assert ((wa[k] - wb[k]).abs().max() / scale).item() < 1e-4, k
+    assert a["evaluation"]["wikitext2"]["ppl"] == pytest.approx(b["evaluation"]["wikitext2"]["ppl"], rel=1e-4)
+    assert not (two / ".fusegpt-run").exists()
+
+
 def test_uneven_batch_is_refused_under_two_processes(tiny_folder, tmp_path):
     args = [a if a != "4" else "3" for a in ARGS]  # --batch-size 3 (and --score-samples 3)
     res = subprocess.run(_torchrun(2, ["compress", str(tiny_folder), *args, "--out", str(tmp_path / "x")]),

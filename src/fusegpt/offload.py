@@ -25,6 +25,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from .distributed import barrier, is_main
 from .fusion.inject import block_spec, rebuild_block
 
 log = logging.getLogger(__name__)
@@ -164,15 +165,21 @@ class BlockStore:
         block.to("meta")
 
     def save(self, block: nn.Module) -> None:
-        """Persist a changed block (state dict + structure) in the work folder; later loads read it."""
+        """Persist a changed block (state dict + structure) in the work folder; later loads read it.
+
+        Under torch.distributed every rank calls this at the same point (the ranks change the same blocks in the
+        same order) and rank 0 alone writes: the others wait for its file and read their later loads from it, so
+        the ranks share one copy on disk and continue from identical weights."""
         orig = block_origin(block)
         v = self.version.get(orig, 0) + 1
         path = self.work / f"b{orig:04d}-v{v:04d}.safetensors"
-        save_tensors_atomic(block.state_dict(), path)
+        if is_main():
+            save_tensors_atomic(block.state_dict(), path)
+        barrier()  # rank 0's file is complete before any rank reads it or goes on
         old = self.changed.get(orig)
         self.changed[orig] = (path, block_spec(self.adapter, block))
         self.version[orig] = v
-        if old is not None:
+        if old is not None and is_main():  # no rank reads the old version after the barrier
             old[0].unlink(missing_ok=True)
 
     @contextlib.contextmanager
@@ -193,6 +200,7 @@ class BlockStore:
                     self.release(b)
 
     def close(self) -> None:
-        for path, _ in self.changed.values():
-            path.unlink(missing_ok=True)
+        if is_main():  # the files are rank 0's (see save)
+            for path, _ in self.changed.values():
+                path.unlink(missing_ok=True)
         self.changed.clear()
