@@ -79,3 +79,30 @@ def test_uneven_batch_is_refused_under_two_processes(tiny_folder, tmp_path):
                          capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
     assert res.returncode != 0 and "multiples of 2" in res.stderr
     assert torch.distributed.is_available()
+
+
+_FIT = """
+import sys
+from fusegpt import api, distributed, plan
+from fusegpt.config import CompressConfig
+
+distributed.init_from_env("cpu")
+# rank 1 has 64 KiB left, rank 0 plenty: the model fits rank 0 alone
+api.available_memory_bytes = lambda d: (64 << 10) if distributed.rank() == 1 else (64 << 30)
+cfg = CompressConfig.from_preset("cpu", remove=1, sparsity=None, nsamples=4, score_samples=4, seqlen=32,
+                                 batch_size=4, device="cpu", compute_dtype="fp32")
+got, why = plan.fit_offload(sys.argv[1], cfg, nproc=2)
+print(f"rank {distributed.rank()}: {got.offload} {got.final_epochs} {why is not None}")
+distributed.shutdown()
+"""
+
+
+def test_every_rank_streams_when_one_rank_lacks_memory(tiny_folder, tmp_path):
+    """The streaming decision is the tightest rank's: a rank that streamed (and waits at the block store's
+    barrier) beside one that did not would hang the run."""
+    script = tmp_path / "fit.py"
+    script.write_text(_FIT)
+    res = _run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", str(script),
+                str(tiny_folder)])
+    assert sorted(line for line in res.stdout.splitlines() if line.startswith("rank")) == [
+        "rank 0: disk 0 True", "rank 1: disk 0 True"]

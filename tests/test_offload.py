@@ -72,6 +72,89 @@ def test_blocks_are_loaded_only_while_used(tiny_folder, tmp_path, monkeypatch):
     assert len(store.changed) >= 3  # fused receivers live in the work folder
 
 
+def test_blocks_load_on_the_runs_device(tiny_folder, tmp_path):
+    """A BlockStore made for another device loads its blocks where the run computes (on a GPU run the pipeline's
+    store, made with the default device, fed CPU blocks to GPU compute); here a store for ``meta`` on a CPU run."""
+    from fusegpt.adapters import get_adapter
+    from fusegpt.api import compress
+    from fusegpt.config import CompressConfig
+    from fusegpt.models import load_model
+    from fusegpt.offload import BlockStore
+
+    loaded = load_model(tiny_folder, blocks_on_disk=True)
+    store = BlockStore(get_adapter(loaded.model), loaded.info["folder"], tmp_path / "work", device="meta")
+    cfg = CompressConfig(remove=1, sparsity=None, group_size=2, epochs=1, nsamples=4, score_samples=4, seqlen=32,
+                         coef_rank=4, lora_rank=4, batch_size=4, compute_dtype="fp32", offload="disk", device="cpu")
+    rep = compress(loaded.model, cfg, tokenizer=loaded.tokenizer, store=store, checkpoint_dir=tmp_path / "run")
+    assert store.device == torch.device("cpu") and len(rep.removed) == 1 and store.loads > 0
+
+
+def _weights_of(folder):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(folder).state_dict()
+
+
+def test_a_model_too_large_for_memory_streams_its_blocks(tiny_folder, tmp_path, monkeypatch, caplog):
+    """With --offload cpu and less memory available than the weights and the working set need, compress does not
+    load the model whole (that ends in an out-of-memory kill): it streams the blocks from the checkpoint, as
+    --offload disk does, with the preset's final stage off, and says so; the result equals --offload disk's."""
+    import logging
+
+    import fusegpt.api
+
+    monkeypatch.setattr(fusegpt.api, "available_memory_bytes", lambda device: 64 << 10)  # 64 KiB left
+    runs = {}
+    for name, extra in (("auto", []), ("disk", ["--offload", "disk"])):
+        with caplog.at_level(logging.WARNING, logger="fusegpt.pipeline"):
+            assert main(["compress", str(tiny_folder), "--out", str(tmp_path / name), *SMALL, *extra]) == 0
+        runs[name] = json.loads((tmp_path / name / "fusegpt_report.json").read_text())
+    assert "do not fit" in caplog.text and "loaded one at a time (--offload disk)" in caplog.text
+    assert "final stage is off" in caplog.text
+    assert runs["auto"]["config"]["offload"] == "disk" and runs["auto"]["config"]["final_epochs"] == 0
+    assert runs["auto"]["removed"] == runs["disk"]["removed"]
+    wa, wd = _weights_of(tmp_path / "auto"), _weights_of(tmp_path / "disk")
+    assert wa.keys() == wd.keys() and all(torch.equal(wa[k], wd[k]) for k in wa)
+
+
+def test_a_model_too_large_for_memory_is_refused_where_it_cannot_stream(tiny_folder, tmp_path, monkeypatch, capsys):
+    import fusegpt.api
+
+    monkeypatch.setattr(fusegpt.api, "available_memory_bytes", lambda device: 64 << 10)
+    # a final stage the user asked for trains every block at once: refused before loading, with the way out
+    assert main(["compress", str(tiny_folder), "--out", str(tmp_path / "f"), *SMALL, "--final-epochs", "1"]) == 2
+    err = capsys.readouterr().err
+    assert "do not fit" in err and "--final-epochs 0" in err
+    # a method that reads every weight at once
+    assert main(["compress", str(tiny_folder), "--out", str(tmp_path / "m"), *SMALL, "--method", "magnitude"]) == 2
+    assert "needs every block's weights at once" in capsys.readouterr().err
+    assert not (tmp_path / "f").exists() and not (tmp_path / "m").exists()
+
+
+def test_offload_decision():
+    from fusegpt.config import CompressConfig, ConfigError
+    from fusegpt.plan import offload_decision
+
+    cfg = CompressConfig.from_preset("cpu", remove=2, sparsity=None)
+    cpu = torch.device("cpu")
+    same, why = offload_decision(cfg, weights=10, need=100, available=100, device=cpu, streams=True)
+    assert same is cfg and why is None  # fits
+    assert offload_decision(cfg, weights=10, need=100, available=None, device=cpu, streams=True)[0] is cfg
+    new, why = offload_decision(cfg, weights=2**30, need=3 * 2**30, available=2**30, device=cpu, streams=True)
+    assert (new.offload, new.final_epochs, cfg.offload, cfg.final_epochs) == ("disk", 0, "cpu", 2)
+    assert "1.00 GiB" in why and "2.00 GiB" in why and "final stage is off" in why
+    with pytest.raises(ConfigError, match="--final-epochs 0"):  # not the preset's value: the user's choice
+        offload_decision(CompressConfig.from_preset("cpu", remove=2, sparsity=None, final_epochs=3), weights=2,
+                         need=3, available=1, device=cpu, streams=True)
+    with pytest.raises(ConfigError, match="--order"):
+        offload_decision(CompressConfig(remove=2, sparsity=None, order="fisher"), weights=2, need=3, available=1,
+                         device=cpu, streams=True)
+    with pytest.raises(ConfigError, match="--dtype bf16"):
+        offload_decision(cfg, weights=2, need=3, available=1, device=cpu, streams=False)
+    disk = CompressConfig(remove=2, sparsity=None, offload="disk")
+    assert offload_decision(disk, weights=2, need=3, available=1, device=cpu, streams=True) == (disk, None)
+
+
 def test_disk_offload_refuses_methods_that_need_all_weights(tiny_folder, tmp_path, capsys):
     assert main(["compress", str(tiny_folder), "--out", str(tmp_path / "o"), *SMALL, "--method", "magnitude",
                  "--offload", "disk"]) == 2
@@ -110,3 +193,4 @@ def test_mapped_weights_are_views_of_the_file_and_checked(tmp_path, tiny_folder,
     save_file(w, bad / "model.safetensors", metadata={"format": "pt"})
     with pytest.raises(ModelSourceError, match="embed_tokens.*non-finite"):
         load_model(bad, blocks_on_disk=True)
+

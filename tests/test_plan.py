@@ -128,3 +128,20 @@ def test_plan_cli_and_compress_report_carry_the_prediction(tiny_folder, tmp_path
     assert rep["plan"]["predicted_peak_bytes"] > 0
     # a plan refuses what compress would refuse, before timing anything
     assert main(["plan", str(tiny_folder), "--remove", "9"]) == 2
+
+
+def test_plan_says_when_the_model_would_stream(tiny_folder, tmp_path, capsys, monkeypatch):
+    """A model too large for the memory available is planned as compress would run it: blocks streamed from the
+    checkpoint (and the activation cache on disk, the preset's final stage off), and the plan says why."""
+    import fusegpt.api
+
+    args = ["--remove", "1", "--group-size", "2", "--nsamples", "4", "--score-samples", "2", "--seqlen", "32",
+            "--epochs", "1", "--batch-size", "2", "--repeats", "1"]
+    assert main(["plan", str(tiny_folder), *args, "--json", str(tmp_path / "fits.json")]) == 0
+    monkeypatch.setattr(fusegpt.api, "available_memory_bytes", lambda device: 64 << 10)
+    assert main(["plan", str(tiny_folder), *args, "--json", str(tmp_path / "streams.json")]) == 0
+    out = capsys.readouterr().out
+    assert "do not fit" in out and "loaded one at a time (--offload disk)" in out
+    fits, streams = (json.loads((tmp_path / f).read_text()) for f in ("fits.json", "streams.json"))
+    assert fits["memory"]["final"] > 0 and streams["memory"]["final"] == 0
+    assert fits["cache_disk_bytes"] == 0 and streams["cache_disk_bytes"] > 0  # the activation cache on disk too

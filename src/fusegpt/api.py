@@ -193,6 +193,7 @@ def _prepare_job(model, config: CompressConfig, *, tokenizer=None, calib_ids: to
         raise ValueError("the model's blocks are on the meta device: pass the BlockStore they stream from (store=)")
     if offloaded:
         _move_materialized(model, device)
+        store.device = device  # the blocks load where they compute (a store made for the CPU would feed a GPU run)
     else:
         model.to(device)
     model.eval()
@@ -325,7 +326,7 @@ def available_for_run(device: torch.device, *, loading: int = 0, nproc: int | No
 
 
 def _memory_plan(adapter, config: CompressConfig, compute: torch.dtype | None,
-                 available: int | None = None) -> MemoryEstimate:
+                 available: int | None = None, *, quiet: bool = False) -> MemoryEstimate:
     """The memory formula (fusegpt.memory) for this model and config; decides --grad-checkpoint auto (with
     ``available`` bytes of memory left for the run besides the model; None: on the saving alone)."""
     block = adapter.blocks[0]
@@ -359,10 +360,11 @@ def _memory_plan(adapter, config: CompressConfig, compute: torch.dtype | None,
         off.final - with_ckpt.final, off.cache + off.final, available))
     plan = estimate_memory(**kw, grad_checkpoint=on, final_checkpoint=final_on)
     plan.inputs = {**kw, "grad_checkpoint": on, "final_checkpoint": final_on}
-    log.info("memory plan: %.2f GiB over the baseline (cache %.2f, group %.2f, training %.2f%s); gradient "
-             "checkpointing %s%s", plan.total / 2**30, plan.cache / 2**30, plan.group / 2**30, plan.training / 2**30,
-             f", final stage {plan.final / 2**30:.2f}" if plan.final else "", "on" if on else "off",
-             f" (final stage: {'on' if final_on else 'off'})" if plan.final else "")
+    log.log(logging.DEBUG if quiet else logging.INFO,
+            "memory plan: %.2f GiB over the baseline (cache %.2f, group %.2f, training %.2f%s); gradient "
+            "checkpointing %s%s", plan.total / 2**30, plan.cache / 2**30, plan.group / 2**30, plan.training / 2**30,
+            f", final stage {plan.final / 2**30:.2f}" if plan.final else "", "on" if on else "off",
+            f" (final stage: {'on' if final_on else 'off'})" if plan.final else "")
     return plan
 
 

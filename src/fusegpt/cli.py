@@ -406,11 +406,14 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
-    from .plan import format_plan, plan_run
+    from .plan import fit_offload, format_plan, plan_run
     from .report import write_json
 
     cfg = config_from_args(args)
+    cfg, why = fit_offload(args.model, cfg, nproc=args.nproc)  # what compress would run: streamed if too large
     rep = plan_run(args.model, cfg, device=args.device, repeats=args.repeats, nproc=args.nproc)
+    if why is not None:
+        rep.notes.append(why)
     print(format_plan(rep))
     if args.json:
         write_json(args.json, rep.to_dict())

@@ -25,7 +25,8 @@ from typing import Iterable, Sequence
 import torch
 
 __all__ = ["init_from_env", "world_size", "rank", "is_main", "shard", "split_batch", "gather_batch",
-           "all_reduce_grads", "all_reduce_sum", "gather_scores", "broadcast_from_main", "barrier", "shutdown",
+           "all_reduce_grads", "all_reduce_sum", "gather_scores", "broadcast_from_main", "smallest_over_ranks",
+           "barrier", "shutdown",
            "DistributedError"]
 
 
@@ -144,6 +145,19 @@ def all_reduce_sum(values: Sequence[float]) -> list[float]:
     t = torch.tensor([float(v) for v in values], dtype=torch.float64, device=dev)
     d.all_reduce(t)
     return t.cpu().tolist()
+
+
+def smallest_over_ranks(value: int | None) -> int | None:
+    """The smallest ``value`` of all ranks (None where a rank could not read it; None if no rank could): a memory
+    decision that every rank must share is taken for the tightest one."""
+    d = _dist()
+    if d is None:
+        return value
+    dev = torch.device("cuda", torch.cuda.current_device()) if d.get_backend() == "nccl" else torch.device("cpu")
+    t = torch.tensor([float("inf") if value is None else float(value)], dtype=torch.float64, device=dev)
+    d.all_reduce(t, op=d.ReduceOp.MIN)
+    v = t.item()
+    return None if v == float("inf") else int(v)
 
 
 def broadcast_from_main(obj):

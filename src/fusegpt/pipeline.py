@@ -80,7 +80,7 @@ def run_compression(
     from .distributed import barrier, is_main, world_size
     from .methods.base import method_info
     from .models import load_model, source_fingerprint, weight_dtype
-    from .plan import format_plan, plan_run
+    from .plan import fit_offload, format_plan, plan_run
 
     out = Path(out)
     if resume:
@@ -89,6 +89,10 @@ def run_compression(
         check_output_dir(out, overwrite)
     preflight(model_name, config)  # every refusal happens here, before loading
     compute = resolve_compute_dtype(config)  # once: the plan times the dtype the run computes in
+    # a model too large for the device streams its blocks instead of failing when loaded
+    config, why = fit_offload(model_name, config, nproc=world_size(), compute_dtype=compute)
+    if why is not None:
+        log.warning("%s", why)
     plan = (plan_run(model_name, config, nproc=world_size(), compute_dtype=compute)
             if method_info(config.method).kind == "fuse" else None)
     if plan is not None:

@@ -39,7 +39,7 @@ import torch
 
 from .distill.losses import head_passes
 
-__all__ = ["PlanReport", "plan_run", "format_plan"]
+__all__ = ["PlanReport", "plan_run", "format_plan", "fit_offload", "offload_decision"]
 
 
 @dataclass
@@ -237,7 +237,7 @@ def plan_run(model_name: str, config, *, device: str | None = None, repeats: int
                            + 2 * s_b * (F * units["block_forward"] + head)
                            + (n_f * scale * head if config.final_topk else 0.0))
         per_step[-1] += phases["final"]
-    model_bytes = 0 if config.offload == "disk" else 4 * params
+    model_bytes = 0 if config.offload == "disk" else loading
     notes = [f"{config.method}: counted as FuseGPT's loop (scoring, group input, teacher, group losses, training)"]
     search = _search_seconds(config, units, L0, k, s_b, params)
     memory = mem.to_dict()
@@ -264,6 +264,78 @@ def plan_run(model_name: str, config, *, device: str | None = None, repeats: int
         cache_disk_bytes=cache_disk * (R or L0) if config.offload == "disk" else 0,
         grad_checkpoint=mem.grad_checkpoint, notes=notes,
     )
+
+
+def offload_decision(config, *, weights: int, need: int, available: int | None, device: torch.device,
+                     streams: bool):
+    """``config`` as it can run in ``available`` bytes, and why it changed (None: unchanged).
+
+    ``weights``: the model's weight bytes; ``need``: what the run needs where its weights live (the weights and the
+    memory formula's working set; on an accelerator the activation cache waits in host memory and is not counted).
+    A model that does not fit is not loaded whole: its blocks stay in the checkpoint and are loaded one at a time
+    (``--offload disk``, the streaming engine), with the preset's final stage off (it trains every block at once).
+    What cannot stream is refused with the numbers and the ways out (ConfigError), before anything is loaded."""
+    import dataclasses
+
+    from .config import PRESETS, ConfigError
+
+    if config.offload == "disk" or available is None or need <= available:
+        return config, None
+    gib = 2**30
+    what = (f"the model's weights ({weights / gib:.2f} GiB) and the run's working memory "
+            f"({(need - weights) / gib:.2f} GiB) do not fit the {available / gib:.2f} GiB available on {device}")
+    if not streams:
+        raise ConfigError(f"{what}, and {config.method} needs every block's weights at once: use a device with more "
+                          "memory, --dtype bf16 (half the weights), or a method that streams its blocks "
+                          "(--offload disk; `fusegpt methods` lists them)")
+    if config.order == "fisher":
+        raise ConfigError(f"{what}, and --order fisher needs every block's weights at once (a full backward pass): "
+                          "use another --order, so that the blocks can stream from disk (--offload disk)")
+    changes, note = {"offload": "disk"}, ""
+    from .api import has_final_stage
+
+    if has_final_stage(config):
+        preset = PRESETS.get(config.preset or "", {})
+        if preset.get("final_epochs") != config.final_epochs:
+            raise ConfigError(f"{what}; its blocks could stream from disk (--offload disk), but --final-epochs trains "
+                              "every block at once: pass --final-epochs 0, or use a device with more memory")
+        changes["final_epochs"] = 0
+        note = f"; the {config.preset} preset's final stage is off (it trains every block at once)"
+    new = dataclasses.replace(config, **changes)
+    new.validate()
+    return new, (f"{what}: its blocks stay in the checkpoint and are loaded one at a time (--offload disk){note}. "
+                 "Pass --offload disk to choose this yourself (a resumed run must make the same choice)")
+
+
+def fit_offload(model_name: str, config, *, nproc: int = 1, compute_dtype: torch.dtype | None = None):
+    """:func:`offload_decision` for ``fusegpt compress model_name`` (nothing loaded but the config): the weights in
+    ``--dtype`` against what ``--device`` has available for one of ``nproc`` processes."""
+    from transformers import AutoModelForCausalLM
+
+    from .adapters import get_adapter
+    from .api import _autocast_dtype, _memory_plan, available_for_run
+    from .device import parse_dtype, resolve_device
+    from .distributed import smallest_over_ranks
+    from .methods import method_info
+    from .models import inspect_model
+
+    if config.offload == "disk":
+        return config, None
+    dev = resolve_device(config.device)
+    # under torch.distributed every rank takes the same decision, for the rank with the least memory (a rank that
+    # streamed while another did not would wait for it at the store's barrier)
+    available = smallest_over_ranks(available_for_run(dev, nproc=nproc))
+    if available is None:
+        return config, None
+    info = inspect_model(model_name, weights=False)
+    with torch.device("meta"):
+        skeleton = AutoModelForCausalLM.from_config(info.config)
+    weights = sum(p.numel() for p in skeleton.parameters()) * parse_dtype(config.dtype).itemsize
+    compute = _autocast_dtype(config, dev, compute_dtype)
+    mem = _memory_plan(get_adapter(skeleton), config, compute, max(0, available - weights), quiet=True)
+    need = weights + mem.total - (mem.cache if dev.type != "cpu" else 0)
+    return offload_decision(config, weights=weights, need=need, available=available, device=dev,
+                            streams=method_info(config.method).streams)
 
 
 def _search_seconds(config, units: dict[str, float], L: int, k: int, s_b: int, params: int):
