@@ -194,3 +194,33 @@ def test_mapped_weights_are_views_of_the_file_and_checked(tmp_path, tiny_folder,
     with pytest.raises(ModelSourceError, match="embed_tokens.*non-finite"):
         load_model(bad, blocks_on_disk=True)
 
+
+def test_cgroup_limits_the_memory_available(tmp_path):
+    """In a container the kernel's MemAvailable is the host's; the control group's limit is what the run has."""
+    from fusegpt.device import cgroup_available_bytes
+
+    def write(d, **files):
+        d.mkdir(parents=True, exist_ok=True)
+        for name, text in files.items():
+            (d / name.replace("__", ".")).write_text(text)
+
+    # cgroup v2: a job's group below a limited slice; the tighter of the two counts, inactive file cache is free
+    v2 = tmp_path / "v2"
+    write(v2 / "slice", memory__max="8000", memory__current="1000", memory__stat="anon 900\ninactive_file 100\n")
+    write(v2 / "slice" / "job", memory__max="max", memory__current="500", memory__stat="inactive_file 0\n")
+    (tmp_path / "cg2").write_text("0::/slice/job\n")
+    assert cgroup_available_bytes(v2, tmp_path / "cg2") == 8000 - (1000 - 100)
+    write(v2 / "slice" / "job", memory__max="3000", memory__current="500", memory__stat="inactive_file 200\n")
+    assert cgroup_available_bytes(v2, tmp_path / "cg2") == 3000 - 300
+    # cgroup v1: the memory controller's hierarchy; an unlimited group (2^63 - 1 rounded to pages) is no limit
+    v1 = tmp_path / "v1"
+    write(v1 / "memory" / "docker" / "abc", memory__limit_in_bytes="4096", memory__usage_in_bytes="1024",
+          memory__stat="cache 10\ntotal_inactive_file 24\n")
+    write(v1 / "memory" / "docker", memory__limit_in_bytes="9223372036854771712", memory__usage_in_bytes="5",
+          memory__stat="total_inactive_file 0\n")
+    (tmp_path / "cg1").write_text("12:cpu,cpuacct:/docker/abc\n4:memory:/docker/abc\n0::/\n")
+    assert cgroup_available_bytes(v1, tmp_path / "cg1") == 4096 - 1000
+    # nothing limited, or nothing readable: None (MemAvailable decides)
+    (tmp_path / "cg3").write_text("4:memory:/docker\n")
+    assert cgroup_available_bytes(v1, tmp_path / "cg3") is None
+    assert cgroup_available_bytes(tmp_path / "none", tmp_path / "missing") is None

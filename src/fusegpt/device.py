@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+from pathlib import Path
 from typing import Iterator
 
 import torch
@@ -20,6 +21,8 @@ __all__ = [
     "peak_memory_bytes",
     "reset_peak_memory",
     "current_rss_bytes",
+    "available_memory_bytes",
+    "cgroup_available_bytes",
     "parse_dtype",
     "choose_compute_dtype",
     "cpu_has_native_bf16",
@@ -207,8 +210,9 @@ def current_rss_bytes() -> int:
 
 
 def available_memory_bytes(device: torch.device) -> int | None:
-    """Memory a run can still take on ``device``: free accelerator memory (CUDA), or the kernel's MemAvailable
-    (Linux /proc/meminfo) on the CPU; None where it cannot be read."""
+    """Memory a run can still take on ``device``: free accelerator memory (CUDA), or on the CPU the kernel's
+    MemAvailable (Linux /proc/meminfo) and, when this process's control group has a memory limit (a container),
+    what that limit still allows if it is less; None where neither can be read."""
     if device.type == "cuda":
         try:
             return int(torch.cuda.mem_get_info(device)[0])
@@ -216,14 +220,67 @@ def available_memory_bytes(device: torch.device) -> int | None:
             return None
     if device.type != "cpu":
         return None
+    host = None
     try:
         with open("/proc/meminfo") as fh:
             for line in fh:
                 if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
+                    host = int(line.split()[1]) * 1024
+                    break
     except (OSError, ValueError, IndexError):
         pass
-    return None
+    group = cgroup_available_bytes()
+    return host if group is None else group if host is None else min(host, group)
+
+
+def cgroup_available_bytes(root: str | os.PathLike = "/sys/fs/cgroup",
+                           proc: str | os.PathLike = "/proc/self/cgroup") -> int | None:
+    """Memory this process's control group can still take before its limit (containers, batch-job slices), the
+    tightest of the group and its ancestors: limit - (usage - inactive file cache, which the kernel reclaims first).
+    cgroup v2 (``memory.max``, ``memory.current``, ``inactive_file``) or v1 (``memory.limit_in_bytes``,
+    ``memory.usage_in_bytes``, ``total_inactive_file``); None without a limit or where it cannot be read. The
+    kernel's MemAvailable sees the host's memory, not a container's limit."""
+    root = Path(root)
+    try:
+        lines = Path(proc).read_text().splitlines()
+    except OSError:
+        return None
+    best: int | None = None
+    for line in lines:
+        parts = line.split(":", 2)
+        if len(parts) != 3:
+            continue
+        _, controllers, path = parts
+        if controllers == "":
+            base, files = root, ("memory.max", "memory.current", "inactive_file")
+        elif "memory" in controllers.split(","):
+            base, files = root / "memory", ("memory.limit_in_bytes", "memory.usage_in_bytes", "total_inactive_file")
+        else:
+            continue
+        rel = Path(path.lstrip("/"))
+        # the group and every ancestor (a namespaced container sees its own group as the root)
+        for d in [base / rel, *[base / p for p in rel.parents]]:
+            got = _cgroup_room(d, *files)
+            if got is not None:
+                best = got if best is None else min(best, got)
+    return best
+
+
+def _cgroup_room(d: Path, limit_file: str, usage_file: str, inactive_key: str) -> int | None:
+    try:
+        raw = (d / limit_file).read_text().strip()
+        if raw == "max" or int(raw) >= 1 << 60:  # no limit (v1 writes a page-rounded 2^63 - 1)
+            return None
+        limit, usage = int(raw), int((d / usage_file).read_text().strip())
+        inactive = 0
+        for line in (d / "memory.stat").read_text().splitlines():
+            key, _, value = line.partition(" ")
+            if key == inactive_key:
+                inactive = int(value)
+                break
+    except (OSError, ValueError):
+        return None
+    return max(0, limit - max(0, usage - inactive))
 
 
 def reset_peak_memory(device: torch.device) -> None:
