@@ -4,7 +4,8 @@
 #                                    transformers 5.x / gguf wheels carried as in benchmarks/device_compare.sh)
 #   benchmarks/gpu.sh --tiny OUT     the same script on a CPU at toy shapes (tests/test_gpu_bench.py runs it)
 # Parts: (a) one paper-preset removal step on a LLaMA-3.1-8B-shaped random model (bf16), projected to 25% in
-# GPU-hours, with its peak GPU memory and fusegpt plan's prediction; (b) fusegpt bench 25% vs dense, fp32 / bf16.
+# GPU-hours, with its peak GPU memory and fusegpt plan's prediction; (d) compress with the blocks streamed onto the
+# device (--offload disk) next to the same run in device memory; (b) fusegpt bench 25% vs dense, fp32 / bf16.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 TINY=()

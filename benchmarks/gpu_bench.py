@@ -9,6 +9,9 @@
 (b) `fusegpt bench` of a 25% SmolLM2 (the demo's 8 blocks dropped: the same shapes as FuseGPT 25%) vs dense, in
     fp32 and with bf16 autocast, with bounded tokens and repeats.
 (c) `fusegpt plan`'s prediction for (a), next to the measurement.
+(d) `fusegpt compress --offload disk` on the device (blocks streamed onto it one at a time, the path of a model
+    larger than the device) next to the same run in device memory: the same blocks and PPL (a failure is recorded
+    with its log, the other parts still run).
 
 Everything goes to ``--out`` (results.json, one log per part). ``--tiny``: a 4-block Llama of hidden size 64 and a
 tiny dropped model instead of SmolLM2, on the CPU, in seconds (tests/test_gpu_bench.py runs it).
@@ -102,23 +105,57 @@ def part_a(out: Path, device: str, tiny: bool, windows: int) -> dict:
     }
 
 
+def tiny_dense(out: Path) -> Path:
+    """An 8-block toy Llama with a word-level tokenizer in ``out/tiny-dense`` (made once)."""
+    dense = out / "tiny-dense"
+    if (dense / "config.json").is_file():
+        return dense
+    import torch
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    torch.manual_seed(0)
+    LlamaForCausalLM(LlamaConfig(**{**TINY, "num_hidden_layers": 8})).save_pretrained(dense)
+    vocab = {"<unk>": 0, **{f"w{i}": i for i in range(1, TINY["vocab_size"])}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>").save_pretrained(dense)
+    return dense
+
+
+def part_d(out: Path, device: str, tiny: bool) -> dict:
+    """compress with --offload disk on the device (the blocks streamed onto it one at a time: the path a model
+    larger than the device takes) next to the same run holding the model there; a failure is recorded, not raised,
+    so the other parts' results are kept."""
+    model = str(tiny_dense(out)) if tiny else "smollm2-135m"
+    args = ["--remove", "1", "--nsamples", "8", "--score-samples", "4", "--seqlen", "32" if tiny else "128",
+            "--batch-size", "4", "--epochs", "1", "--final-epochs", "0", "--compute-dtype", "fp32",
+            "--device", device, "--overwrite"]
+    runs = {}
+    for off in ("cpu", "disk"):
+        folder = out / f"stream-{off}"
+        t = time.perf_counter()
+        res = subprocess.run([sys.executable, "-m", "fusegpt.cli", "compress", model, *args, "--offload", off,
+                              "--out", str(folder)], capture_output=True, text=True, timeout=None if tiny else 240)
+        (out / f"stream-{off}.log").write_text(res.stdout + res.stderr)
+        run = {"rc": res.returncode, "wall_seconds": time.perf_counter() - t}
+        if res.returncode == 0:
+            rep = json.loads((folder / "fusegpt_report.json").read_text())
+            run.update(removed=rep["removed"], ppl=rep["evaluation"]["wikitext2"]["ppl"], seconds=rep["seconds"],
+                       peak_device_bytes=rep["peak_memory_bytes"])
+        else:
+            run["error_tail"] = (res.stdout + res.stderr)[-2000:]
+        runs[off] = run
+    ok = all(r["rc"] == 0 for r in runs.values())
+    return {"runs": runs, "same_blocks": ok and runs["cpu"]["removed"] == runs["disk"]["removed"],
+            "ppl_relative_difference": (abs(runs["disk"]["ppl"] / runs["cpu"]["ppl"] - 1) if ok else None)}
+
+
 def part_b(out: Path, device: str, tiny: bool) -> dict:
     """fusegpt bench: 25% (dropped) vs dense, fp32 and bf16 autocast, bounded."""
     py = [sys.executable, "-m", "fusegpt.cli"]
     if tiny:
-        import torch
-        from transformers import LlamaConfig, LlamaForCausalLM
-
-        from tokenizers import Tokenizer, models, pre_tokenizers
-        from transformers import PreTrainedTokenizerFast
-
-        dense = out / "tiny-dense"
-        torch.manual_seed(0)
-        LlamaForCausalLM(LlamaConfig(**{**TINY, "num_hidden_layers": 8})).save_pretrained(dense)
-        vocab = {"<unk>": 0, **{f"w{i}": i for i in range(1, TINY["vocab_size"])}}
-        tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-        tok.pre_tokenizer = pre_tokenizers.Whitespace()
-        PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>").save_pretrained(dense)
+        dense = tiny_dense(out)
         drop = [1, 3]
         bench = ["--prefill-tokens", "32", "--decode-tokens", "8", "--repeats", "2", "--decode-batches", "1",
                  "--no-memory"]
@@ -148,7 +185,8 @@ def main() -> int:
     ap.add_argument("--tiny", action="store_true", help="CPU, toy shapes (the test suite runs this)")
     ap.add_argument("--device", default=None, help="default: cuda, or cpu with --tiny")
     ap.add_argument("--windows", type=int, default=64, help="calibration windows of the measured step (a)")
-    ap.add_argument("--parts", default="a,b", help="which parts to run (a: 8B step + plan; b: bench)")
+    ap.add_argument("--parts", default="a,d,b",
+                    help="which parts to run (a: 8B step + plan; d: streamed compress; b: bench)")
     args = ap.parse_args()
     device = args.device or ("cpu" if args.tiny else "cuda")
     args.out.mkdir(parents=True, exist_ok=True)
@@ -158,6 +196,9 @@ def main() -> int:
     if "a" in parts:
         results["a_paper_step_8b"] = part_a(args.out, device, args.tiny, args.windows)
         print(json.dumps({"a": results["a_paper_step_8b"]["projected_gpu_hours"]}), flush=True)
+    if "d" in parts:
+        results["d_streamed_compress"] = part_d(args.out, device, args.tiny)
+        print(json.dumps({"d": {k: v for k, v in results["d_streamed_compress"].items() if k != "runs"}}), flush=True)
     if "b" in parts:
         results["b_bench_25pct"] = part_b(args.out, device, args.tiny)
     results["seconds"] = time.perf_counter() - t0

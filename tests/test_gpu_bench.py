@@ -25,4 +25,7 @@ def test_gpu_script_tiny_mode_runs_and_projects(tmp_path):
     for dtype in ("fp32", "bf16"):
         b = res["b_bench_25pct"][dtype]
         assert b["speedup_ideal"]["prefill"] > 1 and len(b["models"]) == 2
+    d = res["d_streamed_compress"]  # the streamed run (blocks loaded onto the device) equals the in-memory one
+    assert all(r["rc"] == 0 for r in d["runs"].values()), d
+    assert d["same_blocks"] and d["ppl_relative_difference"] < 1e-5
     assert (tmp_path / "gpu.log").stat().st_size > 0
