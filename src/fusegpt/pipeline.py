@@ -87,10 +87,10 @@ def run_compression(
         _check_resume_dir(out)
     elif is_main():  # under torch.distributed rank 0 alone writes --out
         check_output_dir(out, overwrite)
-    preflight(model_name, config)  # every refusal happens here, before loading
+    info = preflight(model_name, config)  # every refusal happens here, before loading
     compute = resolve_compute_dtype(config)  # once: the plan times the dtype the run computes in
     # a model too large for the device streams its blocks instead of failing when loaded
-    config, why = fit_offload(model_name, config, nproc=world_size(), compute_dtype=compute)
+    config, why = fit_offload(model_name, config, nproc=world_size(), compute_dtype=compute, info=info)
     if why is not None:
         log.warning("%s", why)
     plan = (plan_run(model_name, config, nproc=world_size(), compute_dtype=compute)

@@ -307,9 +307,10 @@ def offload_decision(config, *, weights: int, need: int, available: int | None, 
                  "Pass --offload disk to choose this yourself (a resumed run must make the same choice)")
 
 
-def fit_offload(model_name: str, config, *, nproc: int = 1, compute_dtype: torch.dtype | None = None):
+def fit_offload(model_name: str, config, *, nproc: int = 1, compute_dtype: torch.dtype | None = None, info=None):
     """:func:`offload_decision` for ``fusegpt compress model_name`` (nothing loaded but the config): the weights in
-    ``--dtype`` against what ``--device`` has available for one of ``nproc`` processes."""
+    ``--dtype`` against what ``--device`` has available for one of ``nproc`` processes. ``info``: the model's
+    :class:`fusegpt.models.ModelInfo` when the caller has read it already (``preflight``)."""
     from transformers import AutoModelForCausalLM
 
     from .adapters import get_adapter
@@ -327,7 +328,8 @@ def fit_offload(model_name: str, config, *, nproc: int = 1, compute_dtype: torch
     available = smallest_over_ranks(available_for_run(dev, nproc=nproc))
     if available is None:
         return config, None
-    info = inspect_model(model_name, weights=False)
+    if info is None:
+        info = inspect_model(model_name, weights=False)
     with torch.device("meta"):
         skeleton = AutoModelForCausalLM.from_config(info.config)
     weights = sum(p.numel() for p in skeleton.parameters()) * parse_dtype(config.dtype).itemsize
