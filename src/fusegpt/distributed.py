@@ -136,13 +136,17 @@ def all_reduce_grads(params: Iterable[torch.nn.Parameter]) -> None:
         offset += n
 
 
+def _reduce_device(d) -> torch.device:
+    """Where a reduction's tensor must live: this rank's GPU under NCCL, the CPU under gloo."""
+    return torch.device("cuda", torch.cuda.current_device()) if d.get_backend() == "nccl" else torch.device("cpu")
+
+
 def all_reduce_sum(values: Sequence[float]) -> list[float]:
     """Sums of Python numbers over the ranks (float64)."""
     d = _dist()
     if d is None:
         return [float(v) for v in values]
-    dev = torch.device("cuda", torch.cuda.current_device()) if d.get_backend() == "nccl" else torch.device("cpu")
-    t = torch.tensor([float(v) for v in values], dtype=torch.float64, device=dev)
+    t = torch.tensor([float(v) for v in values], dtype=torch.float64, device=_reduce_device(d))
     d.all_reduce(t)
     return t.cpu().tolist()
 
@@ -153,8 +157,8 @@ def smallest_over_ranks(value: int | None) -> int | None:
     d = _dist()
     if d is None:
         return value
-    dev = torch.device("cuda", torch.cuda.current_device()) if d.get_backend() == "nccl" else torch.device("cpu")
-    t = torch.tensor([float("inf") if value is None else float(value)], dtype=torch.float64, device=dev)
+    t = torch.tensor([float("inf") if value is None else float(value)], dtype=torch.float64,
+                     device=_reduce_device(d))
     d.all_reduce(t, op=d.ReduceOp.MIN)
     v = t.item()
     return None if v == float("inf") else int(v)
