@@ -89,12 +89,6 @@ def test_blocks_load_on_the_runs_device(tiny_folder, tmp_path):
     assert store.device == torch.device("cpu") and len(rep.removed) == 1 and store.loads > 0
 
 
-def _weights_of(folder):
-    from transformers import AutoModelForCausalLM
-
-    return AutoModelForCausalLM.from_pretrained(folder).state_dict()
-
-
 def test_a_model_too_large_for_memory_streams_its_blocks(tiny_folder, tmp_path, monkeypatch, caplog):
     """With --offload cpu and less memory available than the weights and the working set need, compress does not
     load the model whole (that ends in an out-of-memory kill): it streams the blocks from the checkpoint, as
@@ -113,7 +107,7 @@ def test_a_model_too_large_for_memory_streams_its_blocks(tiny_folder, tmp_path, 
     assert "final stage is off" in caplog.text
     assert runs["auto"]["config"]["offload"] == "disk" and runs["auto"]["config"]["final_epochs"] == 0
     assert runs["auto"]["removed"] == runs["disk"]["removed"]
-    wa, wd = _weights_of(tmp_path / "auto"), _weights_of(tmp_path / "disk")
+    wa, wd = _weights(tmp_path / "auto"), _weights(tmp_path / "disk")
     assert wa.keys() == wd.keys() and all(torch.equal(wa[k], wd[k]) for k in wa)
 
 
