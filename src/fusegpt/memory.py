@@ -12,7 +12,8 @@ MLP width I), the group (G receivers, mini-batch B) and the cache policy (R resi
   activations of a mini-batch, a = (9 H + 4 I) x 4 bytes per token and block (two RMSNorm inputs and outputs,
   the SDPA inputs q, k, v and output with k/v repeated to H, the attention output, the MLP's gate, up, SiLU and
   product); the attention matrix of a block, B x heads x T x T x 4 (scores and probabilities in the forward, their
-  gradients in the backward); the fused weights (``fusion.math.fused_linear``): W_eff, out x in x 4 bytes per
+  gradients in the backward); the fused weights (``fusion.math.fused_linear``): W_eff, out x in x 4 bytes (2 under
+  bf16 / fp16 compute, which forms it in that dtype: the 4 is a bound) per
   receiving linear, kept for backward, and, for one layer at a time, the terms it is formed from and the two
   weight-sized gradients of its backward (G = g^T x and G ⊙ D), at most four out x in x 4 bytes. Without gradient
   checkpointing every student block keeps its activations, probabilities and W_eff; with it, every block keeps its

@@ -116,10 +116,30 @@ def _unpack(layout: tuple, ts: Sequence[torch.Tensor | None]):
     return w, b, lora, out
 
 
-def _effective(w, b, lora, donors):
-    weight = fused_weight(w, lora, [(coef_value(k, c), d) for k, c, _, d, _ in donors])
+def _effective(w, b, lora, donors, cdt):
+    """(W_eff, b_eff) in the compute dtype ``cdt``. Where ``cdt`` is half precision (autocast on fp32 masters, or
+    half weights), the weight is formed in it: the rank-r products and the sum run in bf16/fp16 (accumulated in
+    fp32 inside each kernel, rounded once per term), as the matmul that consumes W_eff would round it anyway;
+    forming it in fp32 first cost as much time as the tokens' matmuls on a CPU with native bf16. Else (fp32,
+    fp64) the formula in the parameters' dtype, then cast."""
     bias = fused_bias(b, [(cb, db) for _, _, cb, _, db in donors if db is not None])
+    bias = None if bias is None else bias.to(cdt)
+    if cdt not in _HALF:
+        weight = fused_weight(w, lora, [(coef_value(k, c), d) for k, c, _, d, _ in donors])
+        return weight.to(cdt), bias
+    weight = w.to(cdt)
+    fresh = weight is not w  # a new tensor: safe to update in place (else w itself, e.g. bf16 weights)
+    if lora is not None:
+        weight = torch.addmm(weight, lora[0].to(cdt), lora[1].to(cdt))
+        fresh = True
+    for kind, coef, _, d, _ in donors:
+        c = coef_value(kind, [t.to(cdt) for t in coef])
+        weight = weight.addcmul_(c, d.to(cdt)) if fresh else weight.addcmul(c, d.to(cdt))
+        fresh = True
     return weight, bias
+
+
+_HALF = (torch.bfloat16, torch.float16)
 
 
 def _reduce_to(grad: torch.Tensor, kind: str) -> torch.Tensor:
@@ -134,15 +154,15 @@ class _FusedLinearFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, layout, save_weight, *ts):
         w, b, lora, donors = _unpack(layout, ts)
-        with torch.no_grad():
-            weight, bias = _effective(w, b, lora, donors)
         dev = x.device.type
         # the dtype F.linear would compute in (autocast's when it is on, else the input's), applied explicitly so
         # backward, which runs outside autocast, uses the same one
         cdt = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
+        with torch.no_grad():
+            weight, bias = _effective(w, b, lora, donors, cdt)  # W_eff in cdt: what backward's g @ W_eff uses
         xc = x.to(cdt)
         with torch.autocast(device_type=dev, enabled=False):
-            y = torch.nn.functional.linear(xc, weight.to(cdt), None if bias is None else bias.to(cdt))
+            y = torch.nn.functional.linear(xc, weight, bias)
         ctx.layout, ctx.cdt, ctx.x_dtype = layout, cdt, x.dtype
         ctx.save_for_backward(xc, weight if save_weight else None, *ts)
         return y
@@ -157,9 +177,10 @@ class _FusedLinearFn(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             if weight is None:
                 with torch.no_grad():
-                    weight, _ = _effective(w, b, lora, donors)
-            gx = (g @ weight.to(cdt)).to(ctx.x_dtype)
+                    weight, _ = _effective(w, b, lora, donors, cdt)
+            gx = (g @ weight).to(ctx.x_dtype)
         weight = None
+        g = g.to(cdt)
         g2 = g.reshape(-1, g.shape[-1])
         grads: list[torch.Tensor | None] = [None] * len(ts)
         if lora is not None and not donors and not need[0] and (b is None or not need[1]):
@@ -181,12 +202,16 @@ class _FusedLinearFn(torch.autograd.Function):
             return range(i - n, i)
 
         gw = gb = None
+        # the weight-sized gradient G = g^T x stays in cdt (the dtype of the matmul that forms it); where cdt is
+        # half precision, the rank-r products that follow run in it too, and only the factors' gradients are cast
+        # to their (fp32 master) dtype. Sums over weight-sized tensors (bias, scalar / vector coefficients)
+        # accumulate in fp32.
+        mdt = master_dtype(w.dtype)
+        pdt = cdt if cdt in _HALF else mdt  # the dtype of the weight-side products
         if any(need):
-            # in fp32 when the weights are half precision: the trained factors are fp32 masters
-            mdt = master_dtype(w.dtype)
-            gw = (g2.t() @ xc.reshape(-1, xc.shape[-1])).to(mdt)
+            gw = (g2.t() @ xc.reshape(-1, xc.shape[-1])).to(pdt)
             if b is not None:
-                gb = g2.sum(0).to(mdt)
+                gb = g2.sum(0, dtype=torch.float32 if cdt in _HALF else None).to(mdt)
         (iw,) = take(1)
         if need[iw]:
             grads[iw] = gw.to(w.dtype)
@@ -198,9 +223,9 @@ class _FusedLinearFn(torch.autograd.Function):
             ilb, ila = take(2)
             lb, la = lora
             if need[ilb]:
-                grads[ilb] = (gw @ la.t()).to(lb.dtype)
+                grads[ilb] = (gw @ la.t().to(pdt)).to(lb.dtype)
             if need[ila]:
-                grads[ila] = (lb.t() @ gw).to(la.dtype)
+                grads[ila] = (lb.t().to(pdt) @ gw).to(la.dtype)
         for kind, coef, cb, d, db in donors:
             ic = take(len(coef))
             icb = take(1)[0] if cb is not None else None
@@ -208,14 +233,15 @@ class _FusedLinearFn(torch.autograd.Function):
             if db is not None:
                 take(1)
             if any(need[j] for j in ic):
-                gc = gw * d
                 if kind == "lowrank":
+                    gc = gw * d.to(pdt)
                     cB, cA = coef
                     if need[ic[0]]:
-                        grads[ic[0]] = (gc @ cA.t()).to(cB.dtype)
+                        grads[ic[0]] = (gc @ cA.t().to(pdt)).to(cB.dtype)
                     if need[ic[1]]:
-                        grads[ic[1]] = (cB.t() @ gc).to(cA.dtype)
+                        grads[ic[1]] = (cB.t().to(pdt) @ gc).to(cA.dtype)
                 else:
+                    gc = gw.to(mdt) * d.to(mdt)
                     grads[ic[0]] = _reduce_to(gc, kind).to(coef[0].dtype)
                 del gc
             if icb is not None and need[icb]:
