@@ -1,6 +1,7 @@
 """Does ``torch.compile`` speed up a training step of ours? Eager vs compiled blocks, alternating in one process.
 
     python benchmarks/compile_step.py [--model smollm2-135m] [--stage final|group] [--threads 2] [--steps 16]
+                                      [--dtype fp32|bf16]
 
 ``final``: the final stage's step shape: the first 22 blocks wrapped with LoRA (rank 128) on frozen weights, LoRA
 and norms trained (the LM head's loss is left out: it is the same for both). ``group``: one receiving window of the
@@ -9,7 +10,8 @@ closing the window, coefficients, LoRA and norms trained. Both at 4 x 256 tokens
 target. Each block is compiled on its own (``torch.compile(block)``); the same blocks, parameters and optimizer run
 eager and compiled in alternate steps, so the machine's drift hits both alike. Prints each step's seconds, the
 medians after ``--warmup`` steps, the first compiled step (compilation included) and the forward's largest
-difference from eager.
+difference from eager. ``--dtype bf16`` runs both under bf16 autocast (what ``auto`` chooses on a CPU with native
+bf16), fp32 masters as in compress.
 """
 
 from __future__ import annotations
@@ -28,9 +30,11 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--steps", type=int, default=16)
     ap.add_argument("--warmup", type=int, default=4)
+    ap.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32", help="compute dtype (bf16: autocast)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     from fusegpt.activations import Runner
+    from fusegpt.device import autocast
     from fusegpt.adapters import get_adapter
     from fusegpt.fusion import inject_donor, wrap_block
     from fusegpt.models import load_model
@@ -57,11 +61,14 @@ def main() -> None:
     kinds = ad.block_kinds()[: len(blocks)]
     compiled = [torch.compile(b) for b in blocks]
 
+    compute = torch.bfloat16 if args.dtype == "bf16" else None
+
     def forward(fns, x):
-        for f, k in zip(fns, kinds):
-            out = f(x, use_cache=False, **runner.ctx.kwargs(k))
-            x = out[0] if isinstance(out, tuple) else out
-        return x
+        with autocast(torch.device("cpu"), compute):
+            for f, k in zip(fns, kinds):
+                out = f(x, use_cache=False, **runner.ctx.kwargs(k))
+                x = out[0] if isinstance(out, tuple) else out
+        return x.float()
 
     gen = torch.Generator().manual_seed(1)
     x = torch.randn(4, 256, ad.config.hidden_size, generator=gen)
@@ -80,7 +87,8 @@ def main() -> None:
     with torch.no_grad():
         a, b = forward(blocks, x), forward(compiled, x)
     med = {k: statistics.median(v[args.warmup:]) for k, v in times.items()}
-    print(f"{args.model} {args.stage}: median step eager {med['eager']:.3f} s, compiled {med['compiled']:.3f} s "
+    print(f"{args.model} {args.stage} {args.dtype}: median step eager {med['eager']:.3f} s, "
+          f"compiled {med['compiled']:.3f} s "
           f"(ratio {med['compiled'] / med['eager']:.3f}); first compiled step {times['compiled'][0]:.1f} s; "
           f"forward max |diff| {float((a - b).abs().max()):.3g} of max |y| {float(a.abs().max()):.3g}")
 
