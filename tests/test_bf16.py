@@ -186,3 +186,18 @@ def test_bf16_baseline_scores_close_to_fp32():
         s32, s16 = r32.steps[0].scores, r16.steps[0].scores
         assert s16 == pytest.approx(s32, rel=rel, abs=rel * max(s32.values())), method
         assert s16 != pytest.approx(s32, rel=1e-6, abs=1e-9), method
+
+
+def test_the_report_divides_by_the_faster_of_two_peak_readings(monkeypatch):
+    """compress reads the matmul peak before and after the run and divides by the faster reading: a slow moment
+    at the start must not make the loop look faster than the machine allows."""
+    import fusegpt.api as api
+
+    readings = iter([1e9, 4e9])  # start: a slow moment; after the run: the machine's real rate
+    monkeypatch.setattr(api, "matmul_flops_per_second", lambda d, dtype, n=0, repeats=0: next(readings))
+    rep = compress(tiny_model("llama", 8), _cfg(remove=1, nsamples=4, compute_dtype="fp32"), calib_ids=IDS)
+    assert rep.matmul_peak_flops == 4e9
+    assert rep.flops_fraction_of_peak == pytest.approx(rep.flops["total"] / rep.seconds / 4e9)
+    readings = iter([4e9, 1e9])  # a slow moment at the end does not lower it either
+    rep = compress(tiny_model("llama", 8), _cfg(remove=1, nsamples=4, compute_dtype="fp32"), calib_ids=IDS)
+    assert rep.matmul_peak_flops == 4e9
