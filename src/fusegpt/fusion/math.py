@@ -127,15 +127,13 @@ def _effective(w, b, lora, donors, cdt):
     if cdt not in _HALF:
         weight = fused_weight(w, lora, [(coef_value(k, c), d) for k, c, _, d, _ in donors])
         return weight.to(cdt), bias
-    weight = w.to(cdt)
-    fresh = weight is not w  # a new tensor: safe to update in place (else w itself, e.g. bf16 weights)
+    # a new tensor either way (w itself is never written to, e.g. bf16 weights), then the donors' terms in place
     if lora is not None:
-        weight = torch.addmm(weight, lora[0].to(cdt), lora[1].to(cdt))
-        fresh = True
+        weight = torch.addmm(w.to(cdt), lora[0].to(cdt), lora[1].to(cdt))
+    else:
+        weight = w.to(cdt, copy=True)
     for kind, coef, _, d, _ in donors:
-        c = coef_value(kind, [t.to(cdt) for t in coef])
-        weight = weight.addcmul_(c, d.to(cdt)) if fresh else weight.addcmul(c, d.to(cdt))
-        fresh = True
+        weight.addcmul_(coef_value(kind, [t.to(cdt) for t in coef]), d.to(cdt))
     return weight, bias
 
 
@@ -180,7 +178,6 @@ class _FusedLinearFn(torch.autograd.Function):
                     weight, _ = _effective(w, b, lora, donors, cdt)
             gx = (g @ weight).to(ctx.x_dtype)
         weight = None
-        g = g.to(cdt)
         g2 = g.reshape(-1, g.shape[-1])
         grads: list[torch.Tensor | None] = [None] * len(ts)
         if lora is not None and not donors and not need[0] and (b is None or not need[1]):
