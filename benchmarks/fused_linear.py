@@ -9,25 +9,17 @@ coefficients trained, as in the group stage; the step is ``fusion.math.fused_lin
 backward under autocast (``--dtype bf16``) or in fp32. Prints the median step and the median of the three matmuls
 every linear layer costs anyway (x W^T, g W, g^T x in the compute dtype): what forming W_eff and the factors'
 gradients adds. ``--against FILE`` loads another version of ``fusion/math.py`` (e.g. from ``git worktree add``) and
-alternates its step with this checkout's, step by step in one process (the machine's drift hits both alike), and
-prints both medians and their ratio.
+alternates its step with this checkout's, step by step in one process (``fusegpt.benchmark.timing.interleaved``: the
+machine's drift hits both alike), and prints both medians and their ratio.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib.util
-import statistics
-import time
 
 import torch
 from torch import nn
-
-
-def _timed(fn) -> float:
-    t = time.perf_counter()
-    fn()
-    return time.perf_counter() - t
 
 
 def main() -> None:
@@ -37,7 +29,6 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=1024)
     ap.add_argument("--rank", type=int, default=128)
     ap.add_argument("--steps", type=int, default=80)
-    ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--against", default=None, help="another fusion/math.py to alternate with this checkout's")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -63,8 +54,10 @@ def main() -> None:
 
 def _measure(linear, versions: dict, out: int, inn: int, args, compute: torch.dtype,
              g: torch.Generator) -> dict[str, float]:
+    from fusegpt.benchmark.timing import _timed, interleaved
     from fusegpt.device import autocast
 
+    cpu = torch.device("cpu")
     fl = linear.FusedLinear(nn.Linear(inn, out, bias=False), lora_rank=args.rank, generator=g)
     fl.add_donor(0.02 * torch.randn(out, inn, generator=g), None, coef_kind="lowrank", coef_rank=args.rank,
                  generator=g)
@@ -76,36 +69,28 @@ def _measure(linear, versions: dict, out: int, inn: int, args, compute: torch.dt
         p.requires_grad_(True)
     x = torch.randn(args.tokens, inn, generator=g).requires_grad_(True)
     up = torch.randn(args.tokens, out, generator=g).to(compute)
-
-    def step():
-        with autocast(torch.device("cpu"), compute):
-            y = fl(x)
-        y.backward(up)
-
     xc, wc = x.detach().to(compute), fl.weight.detach().to(compute)
+
+    def step_with(fn):
+        def step():
+            linear.fused_linear = fn
+            with autocast(cpu, compute):
+                y = fl(x)
+            y.backward(up)
+        return lambda: _timed(step, cpu)
 
     def matmuls():
         xc @ wc.t()
         up @ wc
         up.t() @ xc
 
-    times: dict[str, list[float]] = {k: [] for k in (*versions, "matmuls")}
-    names = list(versions)
+    timers = [(name, step_with(fn), args.tokens) for name, fn in versions.items()]
     try:
-        for i in range(args.warmup + args.steps):
-            # alternate which version goes first, so neither always follows the other
-            for name in names if i % 2 == 0 else names[::-1]:
-                linear.fused_linear = versions[name]
-                t = _timed(step)
-                if i >= args.warmup:
-                    times[name].append(t)
-            t = _timed(matmuls)
-            if i >= args.warmup:
-                times["matmuls"].append(t)
+        # the project's A/B timer: one uncounted run each, then rounds this, against, matmuls, ...
+        runs = interleaved([*timers, ("matmuls", lambda: _timed(matmuls, cpu), args.tokens)], args.steps)
     finally:
         linear.fused_linear = versions["this"]
-    return {k: 1e3 * statistics.median(v) for k, v in times.items()}
-
+    return {t.name: 1e3 * t.median for t in runs}
 
 if __name__ == "__main__":
     main()
