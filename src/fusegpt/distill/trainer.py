@@ -11,6 +11,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..activations import Runner
+from ..attention import cpu_training_attention
 from ..device import trim_heap
 from ..distributed import all_reduce_grads, gather_batch, split_batch, world_size
 from ..fusion.math import master_dtype
@@ -132,6 +133,10 @@ def train_group(
     # (training mode would switch dropout on for models whose config has it)
     bar = tqdm(total=total_steps, desc=desc, disable=desc is None, leave=False)
     start = 0.0  # the first step's loss
+    # while these blocks train, transformers' SDPA runs the written-out attention where it applies (a CPU in half
+    # precision: its backward is several times faster there than the flash kernel's; fusegpt.attention)
+    attention = cpu_training_attention()
+    attention.__enter__()
     try:
         for epoch in range(settings.epochs):
             order = torch.randperm(n, generator=generator) if settings.shuffle else torch.arange(n)
@@ -180,6 +185,7 @@ def train_group(
             res.nonfinite = True
             res.reason = "non-finite parameters after training"
     finally:
+        attention.__exit__(None, None, None)
         bar.close()
         for p in params:
             p.grad = None
