@@ -58,7 +58,7 @@ def main() -> None:
     from fusegpt.evaluate import evaluate_perplexity
     from fusegpt.export import drop_blocks
     from fusegpt.fusion import merge_fused_linears
-    from fusegpt.models import load_model
+    from fusegpt.models import load_model, weight_dtype
 
     finished = {}
     if args.out.exists():
@@ -73,7 +73,8 @@ def main() -> None:
         if name in done:
             print(f"skip {name} (done)")
             continue
-        loaded = load_model(args.model)
+        # the weights' dtype (``dtype=bf16``: loaded as `fusegpt compress --dtype bf16` loads them)
+        loaded = load_model(args.model, dtype=weight_dtype(values.get("dtype", base.get("dtype", "fp32"))))
         model, tok = loaded.model, loaded.tokenizer
         row = {"name": name, "values": values, "model": args.model}
         if name == "dense":
