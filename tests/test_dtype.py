@@ -88,3 +88,39 @@ def test_fused_linear_mixed_dtypes_forward_matches_fp32():
     y = fused_linear(x, w, None, None, [("lowrank", (cB, cA), None, d, None)])
     ref = x @ (w.float() + (cB @ cA) * d.float()).T
     torch.testing.assert_close(y, ref)
+
+
+def test_auto_weights_follow_the_compute_dtype():
+    """--dtype auto: the weights in the compute dtype where it is half precision, else fp32; fp32 compute is
+    allowed with it (it then means fp32 weights)."""
+    from fusegpt.models import weight_dtype
+
+    assert weight_dtype("auto", torch.bfloat16) == torch.bfloat16
+    assert weight_dtype("auto", torch.float16) == torch.float16
+    assert weight_dtype("auto", None) == torch.float32
+    assert weight_dtype("auto", torch.float32) == torch.float32
+    assert weight_dtype("bf16", None) == torch.bfloat16  # an explicit dtype is kept
+    _cfg(dtype="auto", compute_dtype="fp32").validate()
+    _cfg(dtype="auto", compute_dtype="bf16").validate()
+
+
+@pytest.mark.parametrize("compute,expect", [("bf16", "bfloat16"), ("fp32", "float32")])
+def test_cli_auto_weights_export_in_the_compute_dtype(tiny_folder, tmp_path, compute, expect):
+    """The pipeline loads --dtype auto weights in the compute dtype, and the checkpoint it writes (which stock
+    transformers loads) keeps them."""
+    import json
+
+    from safetensors import safe_open
+
+    from fusegpt.cli import main
+
+    out = tmp_path / "out"
+    assert main(["compress", str(tiny_folder), "--out", str(out), "--remove", "1", "--nsamples", "8",
+                 "--score-samples", "4", "--seqlen", "32", "--epochs", "1", "--coef-rank", "4", "--lora-rank", "4",
+                 "--group-size", "3", "--batch-size", "4", "--dtype", "auto", "--compute-dtype", compute,
+                 "--no-eval"]) == 0
+    rep = json.loads((out / "fusegpt_report.json").read_text())
+    assert rep["compute_dtype"] == ("torch.bfloat16" if compute == "bf16" else "torch.float32")
+    with safe_open(str(out / "model.safetensors"), "pt") as f:
+        dtypes = {str(f.get_slice(k).get_dtype()) for k in f.keys()}
+    assert dtypes == {{"bfloat16": "BF16", "float32": "F32"}[expect]}

@@ -287,7 +287,8 @@ _CONFIG_FLAGS = [
     ("--seed", int, "seed of calibration sampling and initialisation"),
     ("--compute-dtype", str, "auto (bf16 only where measured faster), fp32, bf16 or fp16"),
     ("--dtype", str, "dtype of the loaded weights: fp32 (default), bf16 or fp16 (half the memory; trained "
-                     "parameters keep fp32 masters while they train; half weights compute in their own dtype)"),
+                     "parameters keep fp32 masters while they train; half weights compute in their own dtype), or "
+                     "auto (the compute dtype where that is bf16/fp16, else fp32; the cpu preset's)"),
     ("--offload", str, "where cached activations wait: cpu (RAM, default) or disk (files in a work folder in --out)"),
     ("--cache-entries", int, "activation-cache entries kept per cache, >= 3 (default 4; 0 = all, unbounded)"),
     ("--cache-dtype", str, "storage dtype of cached activations: auto (= compute dtype, default) or fp32"),

@@ -20,7 +20,7 @@ MODES = ("iterative", "oneshot", "joint")
 TRAIN_MODES = ("coef", "coef+lora", "full")
 TARGETS = ("current", "dense")
 COMPUTE = ("auto", "fp32", "bf16", "fp16")
-WEIGHT_DTYPES = ("fp32", "bf16", "fp16")
+WEIGHT_DTYPES = ("fp32", "bf16", "fp16", "auto")
 OFFLOADS = ("cpu", "disk")
 
 
@@ -127,7 +127,7 @@ class CompressConfig:
     # compute
     # the dtype the model's weights are loaded and kept in (bf16/fp16 halve the memory of an 8B model); whatever it
     # is, what distillation trains (coefficients, LoRA, norms) keeps fp32 master copies while it trains
-    dtype: Literal["fp32", "bf16", "fp16"] = "fp32"
+    dtype: Literal["fp32", "bf16", "fp16", "auto"] = "fp32"
     compute_dtype: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     device: str = "auto"
     offload_device: str = "cpu"
@@ -198,7 +198,7 @@ class CompressConfig:
         need(self.clip_grad >= 0, f"--clip-grad must be >= 0 (0 = off), got {self.clip_grad}")
         need(self.coef in coefs, f"--coef must be one of {coefs}, got {self.coef!r}")
         need(self.dtype in WEIGHT_DTYPES, f"--dtype must be one of {WEIGHT_DTYPES}, got {self.dtype!r}")
-        need(self.dtype == "fp32" or self.compute_dtype != "fp32",
+        need(self.dtype in ("fp32", "auto") or self.compute_dtype != "fp32",
              f"--compute-dtype fp32 needs fp32 weights (--dtype {self.dtype} computes in {self.dtype}); use "
              f"--dtype fp32, or --compute-dtype auto/{self.dtype}")
         need(self.compute_dtype in COMPUTE, f"--compute-dtype must be one of {COMPUTE}, got {self.compute_dtype!r}")

@@ -168,8 +168,12 @@ def resolve_source(name: str | os.PathLike) -> ModelSource:
     )
 
 
-def weight_dtype(name: str) -> torch.dtype:
-    """'fp32' / 'bf16' / 'fp16' -> the torch dtype (``--dtype``)."""
+def weight_dtype(name: str, compute: torch.dtype | None = None) -> torch.dtype:
+    """'fp32' / 'bf16' / 'fp16' -> the torch dtype (``--dtype``); 'auto' -> ``compute`` (the run's autocast dtype,
+    None = no autocast) where it is bf16 / fp16, else fp32: weights kept in the dtype the matmuls read them in are
+    not cast again at every forward, and the residual stream, norms and rotary embedding run in it too."""
+    if name == "auto":
+        return compute if compute in (torch.bfloat16, torch.float16) else torch.float32
     return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[name]
 
 

@@ -104,10 +104,10 @@ def run_compression(
         from .offload import BlockStore
 
         limit_heap_fragmentation()
-        loaded = load_model(model_name, blocks_on_disk=True, dtype=weight_dtype(config.dtype))
+        loaded = load_model(model_name, blocks_on_disk=True, dtype=weight_dtype(config.dtype, compute))
         store = BlockStore(get_adapter(loaded.model), loaded.info["folder"], out / RUN_DIR / "offload")
     else:
-        loaded = load_model(model_name, dtype=weight_dtype(config.dtype))
+        loaded = load_model(model_name, dtype=weight_dtype(config.dtype, compute))
     report = compress(loaded.model, config, tokenizer=loaded.tokenizer, source_model=model_name,
                       checkpoint_dir=out / RUN_DIR, resume=resume, source_fingerprint=source_fingerprint(model_name),
                       store=store, compute_dtype=compute)
@@ -179,7 +179,8 @@ def run_search(model_name: str, config: CompressConfig, out: str | Path, *, fitn
             (out / name).unlink(missing_ok=True)
         atomic_write_json(settings_path, settings)
     barrier()  # the other ranks read the records only once rank 0 has cleared or kept them
-    loaded = load_model(model_name, dtype=weight_dtype(config.dtype))
+    compute = resolve_compute_dtype(config)
+    loaded = load_model(model_name, dtype=weight_dtype(config.dtype, compute))
     res = search(loaded.model, config, fitness=kind, tokenizer=loaded.tokenizer, records=records)
     blocks_cmd = (f"fusegpt compress {model_name} --blocks {','.join(map(str, res.order))}"
                   f"{'' if config.preset in (None, 'cpu') else ' --preset ' + config.preset} --out OUT")

@@ -105,11 +105,14 @@ def measure_units(config, cfg, device: torch.device, compute: torch.dtype | None
     not None: its checkpointing) also one LoRA block's step and the LM head's forward."""
     from .activations import Runner
     from .adapters import get_adapter
+    from .attention import cpu_training_attention
     from .distill import get_loss
     from .fusion import fused_linears, inject_donor
     from .methods.fusegpt import param_groups
+    from .models import weight_dtype
 
-    model = _two_block_model(config).to(device)
+    wdt = weight_dtype(cfg.dtype, compute)  # the run's weights (--dtype auto: the compute dtype where half)
+    model = _two_block_model(config).to(device, dtype=wdt)
     for p in model.parameters():
         p.requires_grad_(False)
     ad = get_adapter(model)
@@ -118,7 +121,7 @@ def measure_units(config, cfg, device: torch.device, compute: torch.dtype | None
     blocks, kinds = list(ad.blocks), ad.block_kinds()
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
     g = torch.Generator().manual_seed(0)
-    x = torch.randn(cfg.batch_size, cfg.seqlen, text.hidden_size, generator=g)
+    x = torch.randn(cfg.batch_size, cfg.seqlen, text.hidden_size, generator=g).to(wdt)
     units = {"block_forward": _median_time(lambda: runner.run([blocks[0]], kinds[:1], x), repeats, device)}
     if final_checkpoint is not None:  # the LM head's forward over a mini-batch, scaled from the block's by MACs
         units["head_forward"] = (text.hidden_size * text.vocab_size / ad.block_macs_per_token(blocks[0], cfg.seqlen)
@@ -144,7 +147,8 @@ def measure_units(config, cfg, device: torch.device, compute: torch.dtype | None
         loss.backward()
         opt.step()
 
-    units["train_step"] = _median_time(step, repeats, device)
+    with cpu_training_attention():  # as train_group runs its steps
+        units["train_step"] = _median_time(step, repeats, device)
     if final_checkpoint is not None:  # the final stage trains plain blocks with LoRA + norms
         from .fusion import wrap_block
 
@@ -164,7 +168,8 @@ def measure_units(config, cfg, device: torch.device, compute: torch.dtype | None
             loss.backward()
             opt2.step()
 
-        units["lora_step"] = _median_time(lora_step, repeats, device)
+        with cpu_training_attention():
+            units["lora_step"] = _median_time(lora_step, repeats, device)
     return units
 
 
@@ -180,8 +185,8 @@ def plan_run(model_name: str, config, *, device: str | None = None, repeats: int
     from .adapters import check_supported, get_adapter
     from .api import _autocast_dtype, _memory_plan, available_for_run, check_mini_batches
     from .config import num_removals
-    from .device import current_rss_bytes, parse_dtype, resolve_device
-    from .models import inspect_model
+    from .device import current_rss_bytes, resolve_device
+    from .models import inspect_model, weight_dtype
 
     info = inspect_model(model_name, weights=False)
     check_supported(info.config)
@@ -193,7 +198,7 @@ def plan_run(model_name: str, config, *, device: str | None = None, repeats: int
         skeleton = AutoModelForCausalLM.from_config(info.config)
     params = sum(p.numel() for p in skeleton.parameters())
     # the weights are not loaded yet: what --grad-checkpoint auto weighs is what is left once they are
-    loading = 0 if config.offload == "disk" else params * parse_dtype(config.dtype).itemsize
+    loading = 0 if config.offload == "disk" else params * weight_dtype(config.dtype, compute).itemsize
     mem = _memory_plan(get_adapter(skeleton), config, compute, available_for_run(dev, loading=loading, nproc=nproc))
     check_mini_batches(config, nproc)  # the plan counts every method as FuseGPT's loop, so it checks them all
     # a rank's distillation step runs B / nproc windows
@@ -315,10 +320,10 @@ def fit_offload(model_name: str, config, *, nproc: int = 1, compute_dtype: torch
 
     from .adapters import get_adapter
     from .api import _autocast_dtype, _memory_plan, available_for_run
-    from .device import parse_dtype, resolve_device
+    from .device import resolve_device
     from .distributed import smallest_over_ranks
     from .methods import method_info
-    from .models import inspect_model
+    from .models import inspect_model, weight_dtype
 
     if config.offload == "disk":
         return config, None
@@ -332,8 +337,8 @@ def fit_offload(model_name: str, config, *, nproc: int = 1, compute_dtype: torch
         info = inspect_model(model_name, weights=False)
     with torch.device("meta"):
         skeleton = AutoModelForCausalLM.from_config(info.config)
-    weights = sum(p.numel() for p in skeleton.parameters()) * parse_dtype(config.dtype).itemsize
     compute = _autocast_dtype(config, dev, compute_dtype)
+    weights = sum(p.numel() for p in skeleton.parameters()) * weight_dtype(config.dtype, compute).itemsize
     mem = _memory_plan(get_adapter(skeleton), config, compute, max(0, available - weights), quiet=True)
     need = weights + mem.total - (mem.cache if dev.type != "cpu" else 0)
     return offload_decision(config, weights=weights, need=need, available=available, device=dev,
