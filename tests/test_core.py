@@ -300,8 +300,12 @@ def test_config_validation():
         ("kl-batch", 20, 7, 128, 128, 1e-3)
     assert (paper.target, paper.final_epochs) == ("current", 0)  # the reference's loop
     cpu = CompressConfig.from_preset("cpu")
-    assert (cpu.target, cpu.loss, cpu.epochs, cpu.final_epochs, cpu.final_lr, cpu.nsamples) == \
-        ("dense", "nmse", 1, 2, 1e-3, 64)
+    assert (cpu.target, cpu.loss, cpu.epochs, cpu.final_epochs, cpu.final_lr, cpu.nsamples, cpu.final_nsamples) == \
+        ("dense", "nmse", 1, 1, 1e-3, 128, 256)
+    assert (cpu.group_size, cpu.dtype, cpu.compute_dtype) == (3, "auto", "auto")
+    # its final stage's windows keep their ratio to --nsamples when only that is given
+    assert CompressConfig.from_preset("cpu", nsamples=8).final_nsamples == 16
+    assert CompressConfig.from_preset("cpu", nsamples=8, final_nsamples=0).final_nsamples == 0
     # the preset's final stage yields to what cannot run it (with a warning), an explicit request does not
     assert CompressConfig.from_preset("cpu", offload="disk").validate().final_epochs == 0
     assert CompressConfig.from_preset("cpu", lora_rank=0).validate().final_epochs == 0

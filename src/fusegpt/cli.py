@@ -688,9 +688,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
     second = dict(source="lambada-test", max_windows=64)
     fused = load_model(out)  # the written checkpoint, as stock transformers loads it
     fused_second = evaluate_perplexity(fused.model, fused.tokenizer, desc="LAMBADA (FuseGPT)", **second).ppl
+    weights = next(fused.model.parameters()).dtype  # the checkpoint's (--dtype auto: bf16 where computed in bf16)
     del fused
     print("[2/3] dense model", flush=True)
-    dense = load_model(DEFAULT_MODEL)
+    dense = load_model(DEFAULT_MODEL, dtype=weights)  # evaluated in the same precision as the fused model
     dense_params = sum(p.numel() for p in dense.model.parameters())
     dense_ppl = evaluate_perplexity(dense.model, dense.tokenizer, desc="perplexity (dense)").ppl
     dense_second = evaluate_perplexity(dense.model, dense.tokenizer, desc="LAMBADA (dense)", **second).ppl
@@ -721,7 +722,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
                                               "dense_ppl": dense_second,
                                               "drop_ppl": drop_second, "fusegpt_ppl": fused_second,
                                               "recovery": recovery_second},
-                                   "compute_dtype": rep.compute_dtype,
+                                   "compute_dtype": rep.compute_dtype, "weights_dtype": str(weights),
                                    "flops_fraction_of_peak": rep.flops_fraction_of_peak})
     (out / "demo.md").write_text(table + "\n")
     return 0
