@@ -6,8 +6,10 @@ and appended to a JSONL file at once (re-running skips finished variants, so an 
 
 A variant is NAME:key=value,key=value (CompressConfig keys; values parsed as JSON where possible, so
 blocks=[4,25,5] is a list).
-Special variants: "dense" (no compression) and "drop" (plain removal of --blocks, of blocks=[...], or, with
-like=NAME, of the blocks a finished row NAME removed). Any other variant with like=NAME fuses the blocks the
+Special variants: "dense" (no compression; or any name with dense=true, e.g. "dense-bf16:dense=true,dtype=bf16")
+and "drop" (plain removal of --blocks, of blocks=[...], or, with like=NAME, of the blocks a finished row NAME
+removed). Every row loads the weights in its dtype (``dtype``, else the preset's; ``auto`` resolved as compress
+resolves it). Any other variant with like=NAME fuses the blocks the
 finished row NAME removed, in its order (e.g. the set a search found). Rows of search methods (evopress,
 fusegpt-evo) carry the search's summary (seed, best, fitness, seconds).
 """
@@ -34,6 +36,23 @@ def parse_variant(text: str) -> tuple[str, dict]:
     return name, values
 
 
+def row_weight_dtype(preset: str, values: dict) -> torch.dtype:
+    """The dtype a row's weights load in: its ``dtype``, else the preset's; ``auto`` = the compute dtype the run
+    resolves where that is half precision."""
+    import dataclasses
+
+    from fusegpt.api import resolve_compute_dtype
+    from fusegpt.config import PRESETS, CompressConfig
+    from fusegpt.models import weight_dtype
+
+    name = values.get("dtype", PRESETS[preset].get("dtype", "fp32"))
+    if name != "auto":
+        return weight_dtype(name)
+    keys = {f.name for f in dataclasses.fields(CompressConfig)}
+    cfg = CompressConfig.from_preset(preset, **{k: v for k, v in values.items() if k in keys})
+    return weight_dtype("auto", resolve_compute_dtype(cfg))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="smollm2-135m")
@@ -58,7 +77,7 @@ def main() -> None:
     from fusegpt.evaluate import evaluate_perplexity
     from fusegpt.export import drop_blocks
     from fusegpt.fusion import merge_fused_linears
-    from fusegpt.models import load_model, weight_dtype
+    from fusegpt.models import load_model
 
     finished = {}
     if args.out.exists():
@@ -73,11 +92,11 @@ def main() -> None:
         if name in done:
             print(f"skip {name} (done)")
             continue
-        # the weights' dtype (``dtype=bf16``: loaded as `fusegpt compress --dtype bf16` loads them)
-        loaded = load_model(args.model, dtype=weight_dtype(values.get("dtype", base.get("dtype", "fp32"))))
+        # the weights' dtype, as `fusegpt compress --dtype ...` loads them
+        loaded = load_model(args.model, dtype=row_weight_dtype(args.preset, {**base, **values}))
         model, tok = loaded.model, loaded.tokenizer
         row = {"name": name, "values": values, "model": args.model}
-        if name == "dense":
+        if name == "dense" or values.get("dense"):  # e.g. "dense-bf16:dense=true,dtype=bf16"
             row.update(layers=model.config.num_hidden_layers, seconds=0.0)
         elif name == "drop" or name.startswith("drop-"):
             blocks = finished[values["like"]]["removed"] if "like" in values else values.get("blocks",
