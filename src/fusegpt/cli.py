@@ -688,10 +688,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
     second = dict(source="lambada-test", max_windows=64)
     fused = load_model(out)  # the written checkpoint, as stock transformers loads it
     fused_second = evaluate_perplexity(fused.model, fused.tokenizer, desc="LAMBADA (FuseGPT)", **second).ppl
-    weights = next(fused.model.parameters()).dtype  # the checkpoint's (--dtype auto: bf16 where computed in bf16)
+    weights = next(fused.model.parameters()).dtype  # what the written checkpoint was evaluated in
     del fused
     print("[2/3] dense model", flush=True)
-    dense = load_model(DEFAULT_MODEL, dtype=weights)  # evaluated in the same precision as the fused model
+    dense = load_model(DEFAULT_MODEL, dtype=weights)  # the dense model and plain removal in the same precision
     dense_params = sum(p.numel() for p in dense.model.parameters())
     dense_ppl = evaluate_perplexity(dense.model, dense.tokenizer, desc="perplexity (dense)").ppl
     dense_second = evaluate_perplexity(dense.model, dense.tokenizer, desc="LAMBADA (dense)", **second).ppl
