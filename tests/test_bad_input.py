@@ -65,6 +65,17 @@ def test_more_calibration_windows_than_the_text_holds(tiny_folder, tmp_path, cap
     _refused(_compress(tiny_folder, tmp_path / "o", "--remove", "1", "--nsamples", "100000"), capsys,
              "--nsamples 100000", "without overlap", "--calib FILE")
     assert not (tmp_path / "o").exists()
+    # the preset's final stage draws windows of its own (2 x --nsamples): the message says so and how to lower it
+    from transformers import AutoTokenizer
+
+    from fusegpt.data import load_text, tokenize_text
+
+    tokens = tokenize_text(AutoTokenizer.from_pretrained(tiny_folder), load_text("wikitext2-valid")).numel()
+    n = tokens // 32 * 2 // 3  # fits alone, not twice
+    _refused(_compress(tiny_folder, tmp_path / "o", "--remove", "1", "--nsamples", str(n), "--final-epochs", "1",
+                       "--final-nsamples", str(2 * n)), capsys,
+             f"--nsamples {n} + {n} more for the final stage", f"--final-nsamples {2 * n}")
+    assert not (tmp_path / "o").exists()
 
 
 @pytest.mark.parametrize("argv", [["--threads", "0"], ["--threads", "two"]])
@@ -90,7 +101,7 @@ def test_help_lists_accepted_values(capsys):
     orders = "{" + ",".join(ORDERS) + "}"
     assert {"mi", "bi", "nll", "fisher"} <= set(ORDERS)
     for choice in (losses, "{iterative,oneshot,joint}", "{coef,coef+lora,full}", orders, "{current,dense}",
-                   "{scalar,vector,matrix,lowrank}", "{auto,fp32,bf16,fp16}", "{fp32,bf16,fp16}", "fusegpt-global",
+                   "{scalar,vector,matrix,lowrank}", "{auto,fp32,bf16,fp16}", "{fp32,bf16,fp16,auto}", "fusegpt-global",
                    "{cpu,paper}"):
         assert choice in out
 

@@ -88,8 +88,11 @@ def preflight(model_name: str, config: CompressConfig) -> ModelInfo:
     config.validate(info.num_blocks, info.max_positions)
     _check_data_parallel(config)
     ids = tokenize_text(info.tokenizer, load_text(config.calib))
-    check_window_count(ids.numel(), config.nsamples + final_extra_windows(config), config.seqlen,
-                       f"calibration source {config.calib!r}")
+    extra = final_extra_windows(config)
+    asked = (f"--nsamples {config.nsamples} + {extra} more for the final stage (--final-nsamples "
+             f"{config.final_nsamples}; lower it or set it to 0)") if extra else None
+    check_window_count(ids.numel(), config.nsamples + extra, config.seqlen, f"calibration source {config.calib!r}",
+                       asked)
     heldout = method_info(config.method).heldout
     if heldout is not None:  # the held-out windows must fit next to the calibration windows
         g = torch.Generator().manual_seed(config.seed)

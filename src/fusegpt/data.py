@@ -145,14 +145,17 @@ def tokenize_text(tokenizer, text: str) -> torch.Tensor:
     return torch.tensor(ids, dtype=torch.long)
 
 
-def check_window_count(num_tokens: int, n: int, seqlen: int, source: str = "the calibration text") -> None:
+def check_window_count(num_tokens: int, n: int, seqlen: int, source: str = "the calibration text",
+                       asked: str | None = None) -> None:
     """Refuse asking for more windows than the text holds without overlap (``n * seqlen > num_tokens``): the
-    windows would repeat the same text many times over, which is not the calibration budget asked for."""
+    windows would repeat the same text many times over, which is not the calibration budget asked for. ``asked``
+    says where the ``n`` windows come from (default ``--nsamples n``)."""
     if num_tokens <= seqlen:
         raise DataSourceError(f"{source} has {num_tokens} tokens, fewer than one window of --seqlen {seqlen}")
     if n * seqlen > num_tokens:
+        asked = f"--nsamples {n}" if asked is None else f"{asked} = {n} windows"
         raise DataSourceError(
-            f"--nsamples {n} x --seqlen {seqlen} = {n * seqlen:,} tokens, but {source} holds {num_tokens:,} tokens "
+            f"{asked} x --seqlen {seqlen} = {n * seqlen:,} tokens, but {source} holds {num_tokens:,} tokens "
             f"(at most {num_tokens // seqlen} windows of {seqlen} without overlap); lower --nsamples or --seqlen, "
             "or bring a larger calibration text with --calib FILE (.txt or .jsonl)"
         )
