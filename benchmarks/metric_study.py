@@ -58,7 +58,8 @@ def measure(args) -> None:
     dense, tok = loaded.model, loaded.tokenizer
     cfg = CompressConfig.from_preset("cpu", remove=1, sparsity=None, compute_dtype="fp32", device="cpu",
                                      seqlen=args.seqlen, nsamples=max(args.fuse_samples, 8),
-                                     score_samples=min(8, args.fuse_samples), group_size=min(7, args.group_size))
+                                     score_samples=min(8, args.fuse_samples), group_size=min(7, args.group_size),
+                                     final_nsamples=0)  # the rows after --nsamples are the held-out windows
     calib = calibration_windows(tok, cfg, heldout=args.heldout)
     train, held = calib[: cfg.nsamples], calib[cfg.nsamples :]
     score = train[: cfg.score_samples]
@@ -99,7 +100,8 @@ def measure(args) -> None:
         fcfg = CompressConfig.from_preset("cpu", blocks=[b], nsamples=args.fuse_samples,
                                           score_samples=min(cfg.score_samples, args.fuse_samples),
                                           epochs=args.fuse_epochs, compute_dtype="fp32", device="cpu",
-                                          seqlen=args.seqlen, group_size=cfg.group_size)
+                                          seqlen=args.seqlen, group_size=cfg.group_size,
+                                          final_nsamples=0)  # the final stage on the same --fuse-samples windows
         rep = compress(model, fcfg, calib_ids=train[: args.fuse_samples])
         for m in model.modules():
             merge_fused_linears(m)
