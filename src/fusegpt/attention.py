@@ -89,13 +89,17 @@ class _Attention(torch.autograd.Function):
         return dq.to(qdt), dk.to(kdt), dv.to(vdt), None, None, None
 
 
+def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype a matmul on ``x`` computes in here: autocast's where it is on, else x's own."""
+    dev = x.device.type
+    return torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
+
+
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None,
               scale: float | None = None, dtype: torch.dtype | None = None) -> torch.Tensor:
     """[B, H, T, D] attention of q [B, H, T, D] over k / v [B, KV, S, D] (``mask`` None = causal; see
     :class:`_Attention`), computed in ``dtype`` (default: autocast's where it is on, else q's)."""
-    if dtype is None:
-        dev = q.device.type
-        dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else q.dtype
+    dtype = _compute_dtype(q) if dtype is None else dtype
     if q.shape[1] % k.shape[1]:
         raise ValueError(f"{q.shape[1]} query heads do not share {k.shape[1]} key-value heads evenly")
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
@@ -119,7 +123,7 @@ def _applies(query, key, value, mask, dropout, kwargs) -> torch.dtype | None:
         return None
     if mask is not None and (mask.dim() != 4 or mask.shape[1] != 1):
         return None
-    cdt = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else query.dtype
+    cdt = _compute_dtype(query)
     if cdt not in _HALF or b * h * t * s * 2 > MAX_SAVED_BYTES:
         return None
     return cdt
@@ -144,11 +148,8 @@ def training_attention(module, query, key, value, attention_mask, dropout: float
 
 
 @contextlib.contextmanager
-def cpu_training_attention(enabled: bool = True) -> Iterator[None]:
+def cpu_training_attention() -> Iterator[None]:
     """Within the block, transformers' ``sdpa`` attention runs :func:`training_attention` (restored after)."""
-    if not enabled:
-        yield
-        return
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
     had = "sdpa" in ALL_ATTENTION_FUNCTIONS._local_mapping

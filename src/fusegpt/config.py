@@ -291,8 +291,8 @@ class CompressConfig:
     def from_preset(cls, name: str, **overrides: Any) -> "CompressConfig":
         if name not in PRESETS:
             raise ConfigError(f"unknown preset {name!r}; presets: {', '.join(sorted(PRESETS))}")
-        values = {**PRESETS[name], "preset": name, **overrides}
         preset = PRESETS[name]
+        values = {**preset, "preset": name, **overrides}
         # a preset's final-stage windows are a multiple of its group-stage windows (cpu: 256 = 2 x 128): with another
         # --nsamples and no --final-nsamples they keep that ratio, not the preset's absolute count
         if preset.get("final_nsamples") and "nsamples" in overrides and "final_nsamples" not in overrides:
