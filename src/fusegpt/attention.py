@@ -17,11 +17,12 @@ from typing import Iterator
 
 import torch
 
+from .fusion.math import HALF_DTYPES, matmul_dtype
+
 __all__ = ["attention", "cpu_training_attention", "training_attention", "MAX_SAVED_BYTES"]
 
 # the most bytes of half-precision probabilities one call may keep for backward (else the stock kernel runs)
 MAX_SAVED_BYTES = 64 * 2**20
-_HALF = (torch.bfloat16, torch.float16)
 
 
 _CAUSAL: dict[tuple, torch.Tensor] = {}
@@ -89,17 +90,11 @@ class _Attention(torch.autograd.Function):
         return dq.to(qdt), dk.to(kdt), dv.to(vdt), None, None, None
 
 
-def _compute_dtype(x: torch.Tensor) -> torch.dtype:
-    """The dtype a matmul on ``x`` computes in here: autocast's where it is on, else x's own."""
-    dev = x.device.type
-    return torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
-
-
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None,
               scale: float | None = None, dtype: torch.dtype | None = None) -> torch.Tensor:
     """[B, H, T, D] attention of q [B, H, T, D] over k / v [B, KV, S, D] (``mask`` None = causal; see
     :class:`_Attention`), computed in ``dtype`` (default: autocast's where it is on, else q's)."""
-    dtype = _compute_dtype(q) if dtype is None else dtype
+    dtype = matmul_dtype(q) if dtype is None else dtype
     if q.shape[1] % k.shape[1]:
         raise ValueError(f"{q.shape[1]} query heads do not share {k.shape[1]} key-value heads evenly")
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
@@ -123,8 +118,8 @@ def _applies(query, key, value, mask, dropout, kwargs) -> torch.dtype | None:
         return None
     if mask is not None and (mask.dim() != 4 or mask.shape[1] != 1):
         return None
-    cdt = _compute_dtype(query)
-    if cdt not in _HALF or b * h * t * s * 2 > MAX_SAVED_BYTES:
+    cdt = matmul_dtype(query)
+    if cdt not in HALF_DTYPES or b * h * t * s * 2 > MAX_SAVED_BYTES:
         return None
     return cdt
 

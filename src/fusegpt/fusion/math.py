@@ -14,12 +14,20 @@ from typing import Sequence
 import torch
 
 __all__ = ["fused_weight", "fused_bias", "fused_linear", "coef_value", "rdsc_merge", "average_merge", "fold_gain",
-           "master_dtype"]
+           "master_dtype", "matmul_dtype", "HALF_DTYPES"]
+
+HALF_DTYPES = (torch.bfloat16, torch.float16)
+
+
+def matmul_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype a matmul on ``x`` computes in here: autocast's where it is on, else x's own."""
+    dev = x.device.type
+    return torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
 
 
 def master_dtype(dtype: torch.dtype) -> torch.dtype:
     """The dtype trained tensors keep for weights of ``dtype``: fp32 for bf16/fp16, else the same."""
-    return torch.float32 if dtype in (torch.bfloat16, torch.float16) else dtype
+    return torch.float32 if dtype in HALF_DTYPES else dtype
 
 
 def fused_weight(
@@ -124,7 +132,7 @@ def _effective(w, b, lora, donors, cdt):
     fp64) the formula in the parameters' dtype, then cast."""
     bias = fused_bias(b, [(cb, db) for _, _, cb, _, db in donors if db is not None])
     bias = None if bias is None else bias.to(cdt)
-    if cdt not in _HALF:
+    if cdt not in HALF_DTYPES:
         weight = fused_weight(w, lora, [(coef_value(k, c), d) for k, c, _, d, _ in donors])
         return weight.to(cdt), bias
     # a new tensor either way (w itself is never written to, e.g. bf16 weights), then the donors' terms in place
@@ -137,7 +145,6 @@ def _effective(w, b, lora, donors, cdt):
     return weight, bias
 
 
-_HALF = (torch.bfloat16, torch.float16)
 
 
 def _reduce_to(grad: torch.Tensor, kind: str) -> torch.Tensor:
@@ -155,7 +162,7 @@ class _FusedLinearFn(torch.autograd.Function):
         dev = x.device.type
         # the dtype F.linear would compute in (autocast's when it is on, else the input's), applied explicitly so
         # backward, which runs outside autocast, uses the same one
-        cdt = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
+        cdt = matmul_dtype(x)
         with torch.no_grad():
             weight, bias = _effective(w, b, lora, donors, cdt)  # W_eff in cdt: what backward's g @ W_eff uses
         xc = x.to(cdt)
@@ -204,11 +211,11 @@ class _FusedLinearFn(torch.autograd.Function):
         # to their (fp32 master) dtype. Sums over weight-sized tensors (bias, scalar / vector coefficients)
         # accumulate in fp32.
         mdt = master_dtype(w.dtype)
-        pdt = cdt if cdt in _HALF else mdt  # the dtype of the weight-side products
+        pdt = cdt if cdt in HALF_DTYPES else mdt  # the dtype of the weight-side products
         if any(need):
             gw = (g2.t() @ xc.reshape(-1, xc.shape[-1])).to(pdt)
             if b is not None:
-                gb = g2.sum(0, dtype=torch.float32 if cdt in _HALF else None).to(mdt)
+                gb = g2.sum(0, dtype=torch.float32 if cdt in HALF_DTYPES else None).to(mdt)
         (iw,) = take(1)
         if need[iw]:
             grads[iw] = gw.to(w.dtype)
