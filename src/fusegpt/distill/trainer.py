@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
@@ -83,6 +84,11 @@ def group_loss(runner: Runner, blocks: Sequence[nn.Module], kinds: Sequence[str]
     return means[0] if isinstance(loss, str) else means
 
 
+def _drop_grads(params: Sequence[torch.Tensor]) -> None:
+    for p in params:
+        p.grad = None
+
+
 def train_group(
     runner: Runner,
     blocks: Sequence[nn.Module],
@@ -135,9 +141,10 @@ def train_group(
     start = 0.0  # the first step's loss
     # while these blocks train, transformers' SDPA runs the written-out attention where it applies (a CPU in half
     # precision: its backward is several times faster there than the flash kernel's; fusegpt.attention)
-    attention = cpu_training_attention()
-    attention.__enter__()
-    try:
+    with contextlib.ExitStack() as stack:
+        stack.callback(bar.close)
+        stack.callback(_drop_grads, params)
+        stack.enter_context(cpu_training_attention())
         for epoch in range(settings.epochs):
             order = torch.randperm(n, generator=generator) if settings.shuffle else torch.arange(n)
             running, seen = 0.0, 0
@@ -184,11 +191,6 @@ def train_group(
         if not (res.nonfinite or res.diverged) and not all(torch.isfinite(p).all() for p in params):
             res.nonfinite = True
             res.reason = "non-finite parameters after training"
-    finally:
-        attention.__exit__(None, None, None)
-        bar.close()
-        for p in params:
-            p.grad = None
     res.diverged = res.diverged or res.nonfinite
     if res.diverged:
         with torch.no_grad():
