@@ -41,16 +41,11 @@ def row_weight_dtype(preset: str, values: dict) -> torch.dtype:
     resolves where that is half precision."""
     import dataclasses
 
-    from fusegpt.api import resolve_compute_dtype
-    from fusegpt.config import PRESETS, CompressConfig
-    from fusegpt.models import weight_dtype
+    from fusegpt.api import resolve_weight_dtype
+    from fusegpt.config import CompressConfig
 
-    name = values.get("dtype", PRESETS[preset].get("dtype", "fp32"))
-    if name != "auto":
-        return weight_dtype(name)
     keys = {f.name for f in dataclasses.fields(CompressConfig)}
-    cfg = CompressConfig.from_preset(preset, **{k: v for k, v in values.items() if k in keys})
-    return weight_dtype("auto", resolve_compute_dtype(cfg))
+    return resolve_weight_dtype(CompressConfig.from_preset(preset, **{k: v for k, v in values.items() if k in keys}))
 
 
 def main() -> None:

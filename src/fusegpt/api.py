@@ -39,7 +39,8 @@ from .report import versions
 
 log = logging.getLogger(__name__)
 
-__all__ = ["CompressReport", "compress", "calibration_windows", "preflight", "resolve_compute_dtype"]
+__all__ = ["CompressReport", "compress", "calibration_windows", "preflight", "resolve_compute_dtype",
+           "resolve_weight_dtype"]
 
 
 @dataclass
@@ -159,6 +160,17 @@ def resolve_compute_dtype(config: CompressConfig, device: torch.device | None = 
     dt = choose_compute_dtype(resolve_device(config.device) if device is None else device, config.compute_dtype)
     dt = dt or torch.float32
     return broadcast_from_main(dt) if config.compute_dtype == "auto" else dt
+
+
+def resolve_weight_dtype(config: CompressConfig, device: torch.device | None = None,
+                         compute: torch.dtype | None = None) -> torch.dtype:
+    """The dtype a run loads its weights in: ``config.dtype``, with ``auto`` = the compute dtype where that is
+    half precision (``compute`` when the caller decided it, else :func:`resolve_compute_dtype` on ``device``)."""
+    from .models import weight_dtype
+
+    if config.dtype != "auto":
+        return weight_dtype(config.dtype)
+    return weight_dtype("auto", compute if compute is not None else resolve_compute_dtype(config, device))
 
 
 def _autocast_dtype(config: CompressConfig, device: torch.device, decided: torch.dtype | None) -> torch.dtype | None:
@@ -431,11 +443,12 @@ def _merged_param_count(model) -> int:
 
 
 def search(model, config: CompressConfig, *, fitness: str | None = None, tokenizer=None,
-           calib_ids: torch.Tensor | None = None, records=None):
+           calib_ids: torch.Tensor | None = None, records=None, compute_dtype: torch.dtype | None = None):
     """Search which ``num_removals(config)`` blocks to remove (fusegpt.methods.search): an MI-seeded evolution whose
     fitness is the next-token KL from the dense model on held-out windows, after plain removal (``fitness`` drop) or
     a cheap fusion (fuse; default: the ``search`` options' fitness). The model is left unchanged. ``records``: a
     :class:`fusegpt.runs.RecordLog` that persists every evaluation (and replays them when it already holds some).
+    ``compute_dtype``: the dtype the caller already decided (:func:`resolve_compute_dtype`), else decided here.
     Returns a :class:`~fusegpt.methods.search.SearchResult` (``.order`` feeds ``compress --blocks``)."""
     import dataclasses
 
@@ -445,7 +458,7 @@ def search(model, config: CompressConfig, *, fitness: str | None = None, tokeniz
     if kind not in FITNESS:
         raise ConfigError(f"--fitness must be one of {FITNESS}, got {kind!r}")
     config = dataclasses.replace(config, method="evopress" if kind == "drop" else "fusegpt-evo", blocks=None)
-    job, setup = _prepare_job(model, config, tokenizer=tokenizer, calib_ids=calib_ids)
+    job, setup = _prepare_job(model, config, tokenizer=tokenizer, calib_ids=calib_ids, compute_dtype=compute_dtype)
     try:
         res = search_blocks(job, kind, records=records)
     finally:

@@ -207,10 +207,10 @@ def _run_rows(model_name: str, dev, base: CompressConfig, settings: dict, todo: 
               quantize: Sequence[str] = ()) -> list[CompareRow]:
     """Load the model once, then the dense row (if missing) and every (method, sparsity) of ``todo``, each with its
     quantized companions (``quantize``) where missing."""
-    from .api import resolve_compute_dtype
-    from .models import load_model, weight_dtype
+    from .api import resolve_weight_dtype
+    from .models import load_model
 
-    loaded = load_model(model_name, device=dev, dtype=weight_dtype(base.dtype, resolve_compute_dtype(base, dev)))
+    loaded = load_model(model_name, device=dev, dtype=resolve_weight_dtype(base, dev))
     original, tok = loaded.model, loaded.tokenizer
     L = original.config.num_hidden_layers
     # + held-out windows after the calibration rows for the methods that search on unseen text (one draw for all)

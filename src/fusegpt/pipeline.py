@@ -7,7 +7,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .api import CompressReport, compress, preflight, resolve_compute_dtype
+from .api import CompressReport, compress, preflight, resolve_compute_dtype, resolve_weight_dtype
 from .config import CompressConfig
 from .evaluate import evaluate_perplexity
 from .export import OutputExistsError, check_output_dir, check_writable, export_model
@@ -79,7 +79,7 @@ def run_compression(
     """
     from .distributed import barrier, is_main, world_size
     from .methods.base import method_info
-    from .models import load_model, source_fingerprint, weight_dtype
+    from .models import load_model, source_fingerprint
     from .plan import fit_offload, format_plan, plan_run
 
     out = Path(out)
@@ -104,10 +104,10 @@ def run_compression(
         from .offload import BlockStore
 
         limit_heap_fragmentation()
-        loaded = load_model(model_name, blocks_on_disk=True, dtype=weight_dtype(config.dtype, compute))
+        loaded = load_model(model_name, blocks_on_disk=True, dtype=resolve_weight_dtype(config, compute=compute))
         store = BlockStore(get_adapter(loaded.model), loaded.info["folder"], out / RUN_DIR / "offload")
     else:
-        loaded = load_model(model_name, dtype=weight_dtype(config.dtype, compute))
+        loaded = load_model(model_name, dtype=resolve_weight_dtype(config, compute=compute))
     report = compress(loaded.model, config, tokenizer=loaded.tokenizer, source_model=model_name,
                       checkpoint_dir=out / RUN_DIR, resume=resume, source_fingerprint=source_fingerprint(model_name),
                       store=store, compute_dtype=compute)
@@ -150,7 +150,7 @@ def run_search(model_name: str, config: CompressConfig, out: str | Path, *, fitn
     from .api import search
     from .distributed import barrier, is_main
     from .methods.search import FITNESS
-    from .models import load_model, source_fingerprint, weight_dtype
+    from .models import load_model, source_fingerprint
     from .plots import plot_search
     from .runs import RecordLog, atomic_write_json, check_settings
 
@@ -180,8 +180,9 @@ def run_search(model_name: str, config: CompressConfig, out: str | Path, *, fitn
         atomic_write_json(settings_path, settings)
     barrier()  # the other ranks read the records only once rank 0 has cleared or kept them
     compute = resolve_compute_dtype(config)
-    loaded = load_model(model_name, dtype=weight_dtype(config.dtype, compute))
-    res = search(loaded.model, config, fitness=kind, tokenizer=loaded.tokenizer, records=records)
+    loaded = load_model(model_name, dtype=resolve_weight_dtype(config, compute=compute))
+    res = search(loaded.model, config, fitness=kind, tokenizer=loaded.tokenizer, records=records,
+                 compute_dtype=compute)
     blocks_cmd = (f"fusegpt compress {model_name} --blocks {','.join(map(str, res.order))}"
                   f"{'' if config.preset in (None, 'cpu') else ' --preset ' + config.preset} --out OUT")
     data = {"model": model_name, "command": command, "fitness": kind, "config": config.to_dict(),
