@@ -283,6 +283,8 @@ def test_cached_inputs_after_a_fusion_step_equal_recomputation():
 
 
 def test_config_validation():
+    import dataclasses
+
     with pytest.raises(ConfigError, match="sparsity"):
         CompressConfig(sparsity=1.0).validate()
     with pytest.raises(ConfigError, match="every block"):
@@ -311,6 +313,12 @@ def test_config_validation():
     assert CompressConfig.from_preset("cpu", lora_rank=0).validate().final_epochs == 0
     with pytest.raises(ConfigError, match="offload disk"):
         CompressConfig.from_preset("cpu", offload="disk", final_epochs=3).validate()
+    # what was set over the preset is known to the run (plan.offload_decision), yet no setting of it
+    mine = CompressConfig.from_preset("cpu", final_epochs=1, nsamples=8)
+    assert mine.overrides == ("final_epochs", "nsamples") and cpu.overrides == ()
+    assert mine == dataclasses.replace(cpu, nsamples=8, final_nsamples=16) and "overrides" not in mine.to_dict()
+    assert CompressConfig.from_dict(mine.to_dict()) == mine
+    assert dataclasses.replace(mine, epochs=2).overrides == mine.overrides
 
 
 def test_distillation_runs_without_dropout():

@@ -138,9 +138,13 @@ def test_offload_decision():
     new, why = offload_decision(cfg, weights=2**30, need=3 * 2**30, available=2**30, device=cpu, streams=True)
     assert (new.offload, new.final_epochs, cfg.offload, cfg.final_epochs) == ("disk", 0, "cpu", 1)
     assert "1.00 GiB" in why and "2.00 GiB" in why and "final stage is off" in why
-    with pytest.raises(ConfigError, match="--final-epochs 0"):  # not the preset's value: the user's choice
-        offload_decision(CompressConfig.from_preset("cpu", remove=2, sparsity=None, final_epochs=3), weights=2,
-                         need=3, available=1, device=cpu, streams=True)
+    for epochs in (3, 1):  # set by the user, even to the preset's own value: the user's choice, not switched off
+        with pytest.raises(ConfigError, match="--final-epochs 0"):
+            offload_decision(CompressConfig.from_preset("cpu", remove=2, sparsity=None, final_epochs=epochs),
+                             weights=2, need=3, available=1, device=cpu, streams=True)
+    with pytest.raises(ConfigError, match="--final-epochs 0"):  # no preset: every setting is the user's
+        offload_decision(CompressConfig(remove=2, sparsity=None, final_epochs=1), weights=2, need=3, available=1,
+                         device=cpu, streams=True)
     with pytest.raises(ConfigError, match="--order"):
         offload_decision(CompressConfig(remove=2, sparsity=None, order="fisher"), weights=2, need=3, available=1,
                          device=cpu, streams=True)

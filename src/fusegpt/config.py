@@ -143,6 +143,9 @@ class CompressConfig:
     # ~1 extra forward per step)
     grad_checkpoint: Literal["auto", "on", "off"] = "auto"
     preset: str | None = None
+    # the keys set over the preset (from_preset's overrides: flags, config file): not a setting of the run (never
+    # saved, never compared), it tells a choice the user made from the preset's value it equals
+    overrides: tuple[str, ...] = field(default=(), compare=False, repr=False)
 
     # ------------------------------------------------------------------------------------------------------------
     def validate(self, num_blocks: int | None = None, max_positions: int | None = None) -> "CompressConfig":
@@ -265,7 +268,9 @@ class CompressConfig:
         return resolve(self.options, group)
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        data = dataclasses.asdict(self)
+        data.pop("overrides")
+        return data
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], *, base: "CompressConfig | None" = None) -> "CompressConfig":
@@ -292,7 +297,7 @@ class CompressConfig:
         if name not in PRESETS:
             raise ConfigError(f"unknown preset {name!r}; presets: {', '.join(sorted(PRESETS))}")
         preset = PRESETS[name]
-        values = {**preset, "preset": name, **overrides}
+        values = {**preset, "preset": name, **overrides, "overrides": tuple(sorted(overrides))}
         # a preset's final-stage windows are a multiple of its group-stage windows (cpu: 256 = 2 x 128): with another
         # --nsamples and no --final-nsamples they keep that ratio, not the preset's absolute count
         if preset.get("final_nsamples") and "nsamples" in overrides and "final_nsamples" not in overrides:

@@ -300,8 +300,7 @@ def offload_decision(config, *, weights: int, need: int, available: int | None, 
     from .api import has_final_stage
 
     if has_final_stage(config):
-        preset = PRESETS.get(config.preset or "", {})
-        if preset.get("final_epochs") != config.final_epochs:
+        if "final_epochs" in config.overrides or not PRESETS.get(config.preset or "", {}).get("final_epochs"):
             raise ConfigError(f"{what}; its blocks could stream from disk (--offload disk), but --final-epochs trains "
                               "every block at once: pass --final-epochs 0, or use a device with more memory")
         changes["final_epochs"] = 0
