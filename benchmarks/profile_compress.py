@@ -24,7 +24,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     from torch.profiler import ProfilerActivity, profile
 
-    from fusegpt.api import compress
+    from fusegpt.api import compress, resolve_weight_dtype
     from fusegpt.config import CompressConfig
     from fusegpt.models import load_model
 
@@ -32,8 +32,8 @@ def main() -> None:
 
     values = dict(remove=1, nsamples=16, score_samples=4, final_epochs=1)
     values.update(parse_variant("profile:" + ",".join(args.overrides))[1])
-    loaded = load_model(args.model)
     cfg = CompressConfig.from_preset("cpu", **values)
+    loaded = load_model(args.model, dtype=resolve_weight_dtype(cfg))  # as compress loads them (--dtype auto)
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         rep = compress(loaded.model, cfg, tokenizer=loaded.tokenizer)
     phases: dict[str, float] = {}
