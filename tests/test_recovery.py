@@ -47,9 +47,14 @@ def test_nmse_is_per_token_normalised_squared_error():
     assert float(get_loss("nmse")(t, t)) == 0.0
 
 
+@pytest.mark.parametrize("rows", [1, 3, None])  # rows per block of the KL's elementwise passes (None: the default)
 @pytest.mark.parametrize("chunk", [3, 7, 512])
-def test_logit_kl_equals_full_logits_kl_with_its_gradient(chunk):
+def test_logit_kl_equals_full_logits_kl_with_its_gradient(chunk, rows, monkeypatch):
+    from fusegpt.distill import losses
+
     model = tiny_model("llama", 2)
+    if rows is not None:
+        monkeypatch.setattr(losses, "KL_BLOCK_BYTES", rows * 4 * model.config.vocab_size)
     h = _head(model, chunk)
     t = torch.randn(2, 5, 64)
     s = (t + 0.3 * torch.randn_like(t)).requires_grad_(True)
@@ -65,6 +70,24 @@ def test_logit_kl_equals_full_logits_kl_with_its_gradient(chunk):
     with torch.no_grad():
         assert float(get_loss("logit-kl", h)(t, t)) == pytest.approx(0.0, abs=1e-6)
     assert all(p.grad is None for p in model.parameters())  # the head stays frozen
+
+
+def test_logit_kl_row_blocks_change_no_gradient_in_bf16(monkeypatch):
+    """The KL's elementwise passes a few rows at a time compute each row as the whole chunk did: the same bf16
+    gradient to the bit, the loss up to the order of the fp32 sum."""
+    from fusegpt.distill import losses
+
+    model = tiny_model("llama", 2).to(torch.bfloat16)
+    h = _head(model, 512)
+    t = torch.randn(2, 5, 64, dtype=torch.bfloat16)
+    s = (t + 0.3 * torch.randn_like(t)).requires_grad_(True)
+    got = {}
+    for name, block in (("whole", 2**62), ("rows", 4 * model.config.vocab_size)):
+        monkeypatch.setattr(losses, "KL_BLOCK_BYTES", block)
+        loss = get_loss("logit-kl", h)(s, t)
+        got[name] = (loss.detach(), torch.autograd.grad(loss, s)[0])
+    assert torch.equal(got["whole"][1], got["rows"][1]) and got["rows"][1].dtype == torch.bfloat16
+    torch.testing.assert_close(got["whole"][0], got["rows"][0], rtol=1e-5, atol=1e-7)
 
 
 @pytest.mark.parametrize("chunk,k", [(3, 5), (7, 17), (512, 1)])

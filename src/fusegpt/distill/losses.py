@@ -53,6 +53,10 @@ def register_loss(name: str, *, head: bool = False, passes: int = 0) -> Callable
 
 # tokens per logits chunk of the head losses (the memory formula's final-stage term holds one chunk of these)
 LOGIT_CHUNK = 512
+# bytes of one fp32 [rows, V] block of the KL's elementwise passes: a chunk's logits come from one matmul (the head's
+# weight read once per chunk), then its log-softmaxes, exp, difference and gradient run a few rows at a time, so the
+# four fp32 [rows, V] temporaries stay in cache instead of each pass streaming [chunk, V] through memory
+KL_BLOCK_BYTES = 2 * 2**20
 
 
 @dataclass
@@ -198,6 +202,24 @@ def _topk_kl(log_ps: torch.Tensor, t: TeacherTopK, grad: bool) -> tuple[torch.Te
     return kl, d
 
 
+def _kl_rows(ls: torch.Tensor, lt: torch.Tensor, d: torch.Tensor | None, block_bytes: int) -> torch.Tensor:
+    """Summed KL(softmax(lt) || softmax(ls)) of [n, V] student / teacher logits, in fp32, a block of rows at a time
+    (``block_bytes`` of fp32 per [rows, V] temporary); with ``d`` ([n, V], written) also softmax(ls) - softmax(lt),
+    the KL's gradient with respect to the student logits."""
+    total = torch.zeros((), dtype=torch.float32, device=ls.device)
+    rows = max(1, block_bytes // (4 * ls.shape[-1]))
+    for j in range(0, ls.shape[0], rows):
+        log_ps = F.log_softmax(ls[j : j + rows].float(), -1)
+        log_pt = F.log_softmax(lt[j : j + rows].float(), -1)
+        # sum p_t (log p_t - log p_s) as one dot product over two in-place passes (F.kl_div formed three more
+        # arrays: exp, difference, product)
+        p_t = log_pt.exp()
+        total += torch.dot(p_t.view(-1), log_pt.sub_(log_ps).view(-1))
+        if d is not None:
+            d[j : j + rows] = log_ps.exp_().sub_(p_t)  # softmax(s) - softmax(t)
+    return total
+
+
 def _chunked_kl(s: torch.Tensor, t: torch.Tensor | TeacherTopK, logits_fn, compute, chunk: int,
                 grad: torch.Tensor | None = None) -> torch.Tensor:
     """Summed KL(teacher || student) of the next-token distributions of [tokens, H] ``s`` and ``t`` ([tokens, H]
@@ -211,28 +233,19 @@ def _chunked_kl(s: torch.Tensor, t: torch.Tensor | TeacherTopK, logits_fn, compu
         with torch.set_grad_enabled(grad is not None), compute():
             ls = logits_fn(sc)
         with torch.no_grad():
-            log_ps = F.log_softmax(ls.float(), -1)
             if isinstance(t, TeacherTopK):
-                kl, d = _topk_kl(log_ps, t[i : i + chunk], grad is not None)
+                kl, d = _topk_kl(F.log_softmax(ls.float(), -1), t[i : i + chunk], grad is not None)
                 total += kl
                 if d is None:
                     continue
             else:
                 with compute():
                     lt = logits_fn(t[i : i + chunk])
-                log_pt = F.log_softmax(lt.float(), -1)
+                d = None if grad is None else torch.empty_like(ls)
+                total += _kl_rows(ls, lt, d, KL_BLOCK_BYTES)
                 del lt
-                # sum p_t (log p_t - log p_s) as one dot product over two in-place passes: F.kl_div formed three
-                # more [chunk, V] arrays (exp, difference, product), memory-bound passes that took longer than
-                # the head's matmuls on a CPU with native bf16
-                p_t = log_pt.exp()
-                diff = log_pt.sub_(log_ps)
-                total += torch.dot(p_t.view(-1), diff.view(-1))
-                del diff, log_pt
-                if grad is None:
+                if d is None:
                     continue
-                d = log_ps.exp_().sub_(p_t)  # softmax(s) - softmax(t), in place
-                del p_t
         (grad[i : i + chunk],) = torch.autograd.grad(ls, sc, d.to(ls.dtype))
     return total
 
