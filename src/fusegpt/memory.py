@@ -29,7 +29,8 @@ MLP width I), the group (G receivers, mini-batch B) and the cache policy (R resi
   or N; beyond N also their dense targets, (N_f - N) x T x H x b_cache) and one chunk of
   the logit-KL (``LOGIT_CHUNK`` = 512 tokens x V: student and teacher logits, their log-softmax and the gradient,
   6 x 512 x V x 4 at most: a top-k teacher's path; the full teacher's holds three [512, V] arrays in the compute
-  dtype and runs its fp32 passes on blocks of a few rows) when its loss reads the logits (``--final-loss logit-kl``; none for a hidden-state loss);
+  dtype and runs its fp32 passes on blocks of a few rows) when its loss reads the logits (``--final-loss
+  logit-kl``; none for a hidden-state loss);
 - a group loss that reads the logits (``--loss logit-kl``, or it as the weighted ``--aux-loss``) adds the same
   chunk to the training term.
 """
