@@ -203,11 +203,13 @@ def _topk_kl(log_ps: torch.Tensor, t: TeacherTopK, grad: bool) -> tuple[torch.Te
 
 
 def _kl_rows(ls: torch.Tensor, lt: torch.Tensor, d: torch.Tensor | None, block_bytes: int) -> torch.Tensor:
-    """Summed KL(softmax(lt) || softmax(ls)) of [n, V] student / teacher logits, in fp32, a block of rows at a time
-    (``block_bytes`` of fp32 per [rows, V] temporary); with ``d`` ([n, V], written) also softmax(ls) - softmax(lt),
-    the KL's gradient with respect to the student logits."""
+    """Summed KL(softmax(lt) || softmax(ls)) of [n, V] student / teacher logits, in fp32, on a CPU a block of rows at
+    a time (``block_bytes`` of fp32 per [rows, V] temporary); with ``d`` ([n, V], written) also softmax(ls) -
+    softmax(lt), the KL's gradient with respect to the student logits."""
     total = torch.zeros((), dtype=torch.float32, device=ls.device)
-    rows = max(1, block_bytes // (4 * ls.shape[-1]))
+    # a CPU's caches are what the blocks are for; on an accelerator each block would be one more round of kernel
+    # launches, so the chunk stays whole there
+    rows = max(1, block_bytes // (4 * ls.shape[-1])) if ls.device.type == "cpu" else ls.shape[0]
     for j in range(0, ls.shape[0], rows):
         log_ps = F.log_softmax(ls[j : j + rows].float(), -1)
         log_pt = F.log_softmax(lt[j : j + rows].float(), -1)
