@@ -145,8 +145,6 @@ def _effective(w, b, lora, donors, cdt):
     return weight, bias
 
 
-
-
 def _reduce_to(grad: torch.Tensor, kind: str) -> torch.Tensor:
     if kind == "scalar":
         return grad.sum().reshape(1, 1)
