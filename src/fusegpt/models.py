@@ -24,6 +24,8 @@ from typing import Any, Callable
 
 import torch
 
+from .fusion.math import HALF_DTYPES
+
 log = logging.getLogger(__name__)
 
 __all__ = [
@@ -173,7 +175,7 @@ def weight_dtype(name: str, compute: torch.dtype | None = None) -> torch.dtype:
     None = no autocast) where it is bf16 / fp16, else fp32: weights kept in the dtype the matmuls read them in are
     not cast again at every forward, and the residual stream, norms and rotary embedding run in it too."""
     if name == "auto":
-        return compute if compute in (torch.bfloat16, torch.float16) else torch.float32
+        return compute if compute in HALF_DTYPES else torch.float32
     return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[name]
 
 

@@ -38,6 +38,7 @@ from typing import Any
 import torch
 
 from .distill.losses import head_passes
+from .fusion.math import HALF_DTYPES
 
 __all__ = ["PlanReport", "plan_run", "format_plan", "fit_offload", "offload_decision"]
 
@@ -261,7 +262,7 @@ def plan_run(model_name: str, config, *, device: str | None = None, repeats: int
         notes.append("other methods are not counted step by step: the time is FuseGPT's with the same config")
     cache_disk = config.nsamples * config.seqlen * (info.config.get_text_config().hidden_size if hasattr(
         info.config, "get_text_config") else info.config.hidden_size) * (
-        2 if compute in (torch.bfloat16, torch.float16) and config.cache_dtype == "auto" else 4)
+        2 if compute in HALF_DTYPES and config.cache_dtype == "auto" else 4)
     return PlanReport(
         model=model_name, device=str(dev), compute_dtype=str(compute or torch.float32), blocks=L0, removals=k,
         params=params, timings=units, phases=phases, seconds_per_step=per_step, seconds_total=sum(per_step),
