@@ -597,6 +597,93 @@ def test_final_batch_size_sets_the_final_stages_steps_only():
         _cfg(final_batch_size=-1).validate()
 
 
+def test_final_lora_rank_sets_the_final_stages_adapters_only(monkeypatch):
+    """--final-lora-rank: the final stage's new adapters take that rank; the group stage keeps --lora-rank (same
+    removals, same group losses); a negative value is refused."""
+    import fusegpt.methods.fusegpt as fg
+    import fusegpt.methods.heal as heal
+    from fusegpt.fusion import FusedLinear
+
+    ranks = []
+    real_fg, real_heal = fg.train_group, heal.train_group
+
+    def spy(real):
+        def run(runner, blocks, *a, **kw):
+            ranks.append({m.lora_A.shape[0] for b in blocks for m in b.modules() if isinstance(m, FusedLinear)})
+            return real(runner, blocks, *a, **kw)
+        return run
+
+    monkeypatch.setattr(fg, "train_group", spy(real_fg))
+    monkeypatch.setattr(heal, "train_group", spy(real_heal))
+    ids = random_ids(8, 16)
+    base = compress(tiny_model("llama", 6), _cfg(final_epochs=1, target="dense"), calib_ids=ids)
+    low = compress(tiny_model("llama", 6), _cfg(final_epochs=1, target="dense", final_lora_rank=2), calib_ids=ids)
+    assert ranks == [{4}, {4}, {4}, {4}, {4}, {2}]
+    assert base.removed == low.removed
+    for a, b in zip(base.steps, low.steps):
+        assert (a.loss_before, a.loss_after) == (b.loss_before, b.loss_after)
+    assert low.flops["train"] < base.flops["train"]  # the rank-r products of the final stage
+    with pytest.raises(ConfigError, match="final-lora-rank"):
+        _cfg(final_lora_rank=-1).validate()
+
+
+def test_sampled_positions_take_the_loss_on_a_fraction_of_the_tokens():
+    """The loss on a random fraction of the [B, T] positions: exactly that many, distinct, in position order,
+    drawn anew per call from the generator (the same seed, the same draws); the gradient reaches the student only
+    at those positions, and the fraction 1 is the plain loss."""
+    from fusegpt.methods.heal import sampled_positions
+
+    seen = []
+
+    def fn(s, t):  # position p's rows hold p: record which positions the loss saw
+        seen.append(t[:, 0].long().tolist())
+        return ((s - t) ** 2).sum(-1).mean()
+
+    t = torch.arange(16.0).reshape(2, 8, 1).expand(2, 8, 4).contiguous()
+    s = (t + torch.randn(2, 8, 4)).requires_grad_(True)
+    loss = sampled_positions(fn, 0.25, torch.Generator().manual_seed(0))
+    first = loss(s, t)
+    first.backward()
+    pos = seen[0]
+    assert len(pos) == 4 and pos == sorted(set(pos))
+    picked = (s.grad.abs().sum(-1) > 0).flatten()
+    assert picked.nonzero().flatten().tolist() == pos
+    torch.testing.assert_close(first.detach(), ((s.detach() - t) ** 2).sum(-1).flatten()[pos].mean())
+    for _ in range(3):
+        loss(s, t)
+    assert len({tuple(p) for p in seen}) > 1  # new draws per call
+    seen.clear()
+    sampled_positions(fn, 0.25, torch.Generator().manual_seed(0))(s, t)
+    assert seen == [pos]  # the same seed, the same positions
+    whole = sampled_positions(fn, 1.0, torch.Generator().manual_seed(0))
+    torch.testing.assert_close(whole(s, t), fn(s, t))
+
+
+def test_final_positions_train_the_head_on_a_fraction():
+    """--final-positions 0.5: the group stage is unchanged, the final stage still lowers its loss, its head FLOPs
+    are half (3 passes on half the tokens), and the option is refused outside (0, 1] and with a hidden-state
+    final loss (no next-token KL to sample)."""
+    from fusegpt.adapters import get_adapter
+
+    ids = random_ids(8, 16)
+    full = compress(tiny_model("llama", 6), _cfg(final_epochs=2, target="dense", lr=1e-2), calib_ids=ids)
+    half = compress(tiny_model("llama", 6), _cfg(final_epochs=2, target="dense", lr=1e-2, final_positions=0.5),
+                    calib_ids=ids)
+    assert full.removed == half.removed
+    for a, b in zip(full.steps, half.steps):
+        assert (a.loss_before, a.loss_after) == (b.loss_before, b.loss_after)
+    ff, fh = full.steps[-1].extra["final"], half.steps[-1].extra["final"]
+    assert ff["steps"] == fh["steps"] == 4 and fh["nll_before"] == ff["nll_before"]
+    assert fh["epoch_losses"][1] < fh["epoch_losses"][0] and fh["nll_after"] != ff["nll_after"]
+    head = 2.0 * 3 * 2 * 8 * 16 * get_adapter(tiny_model("llama", 6)).head_macs_per_token()
+    assert full.flops["train"] - half.flops["train"] == pytest.approx(head / 2, rel=1e-9)
+    for bad in (0.0, 1.5):
+        with pytest.raises(ConfigError, match="final-positions"):
+            _cfg(final_positions=bad).validate()
+    with pytest.raises(ConfigError, match="final-positions"):
+        _cfg(final_positions=0.5, final_loss="nmse").validate()
+
+
 def test_group_losses_share_one_forward(monkeypatch):
     """The report's loss and MSE of a group come from one forward per mini-batch, equal to separate calls."""
     from fusegpt.distill import group_loss

@@ -404,7 +404,7 @@ def _final_stage_sizes(adapter, config: CompressConfig, lins: list[tuple[int, in
     if not has_final_stage(config):
         return {}
     f = adapter.num_blocks - num_removals(config, adapter.num_blocks)
-    return {"final_blocks": f, "final_trainable": f * (lora_params(lins, config.lora_rank) + norms),
+    return {"final_blocks": f, "final_trainable": f * (lora_params(lins, config.final_rank) + norms),
             "vocab": adapter.model.lm_head.out_features if head_passes(config.final_loss) else 0,
             "final_windows": config.final_nsamples or config.nsamples,
             "final_batch": config.final_batch, "final_topk": config.final_topk}

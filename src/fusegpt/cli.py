@@ -271,6 +271,9 @@ _CONFIG_FLAGS = [
                           "once (default 0 = the full distribution at every step)"),
     ("--final-loss", str, "the final stage's loss against the dense model: logit-kl (next-token KL through the frozen "
                           "head, default) or a hidden-state loss on the final hidden states (nmse, mse-norm, ...)"),
+    ("--final-lora-rank", int, "LoRA rank of the final stage (default 0 = --lora-rank)"),
+    ("--final-positions", float, "fraction of the token positions whose next-token KL the final stage trains on, "
+                                 "drawn per step (default 1 = all; the LM head runs on that fraction)"),
     ("--warmup", float, "linear lr warm-up over this fraction of each distillation's steps (default 0)"),
     ("--clip-grad", float, "clip the gradient norm of the trained parameters (default 0 = off)"),
     ("--epochs", int, "distillation epochs per removal"),

@@ -100,6 +100,12 @@ class CompressConfig:
     # norm and head) or a hidden-state loss against its final hidden states (nmse, mse, cosine, mse-norm, ...: no LM
     # head in the step)
     final_loss: str = "logit-kl"
+    # LoRA rank of the final stage (0 = --lora-rank): its adapters are new ones on every block, so their rank is
+    # the final stage's own choice; a lower rank is fewer rank-r products per token in each step
+    final_lora_rank: int = 0
+    # fraction of each final mini-batch's token positions whose next-token KL trains (1 = all): the blocks still
+    # run every position, the LM head (3 passes per trained token) only the sampled ones, drawn at random per step
+    final_positions: float = 1.0
     # merge every receiving layer into a plain linear after its step (later steps inject the merged weights and
     # no longer train earlier coefficients); False = the reference, which keeps every coefficient trainable
     consolidate: bool = True
@@ -194,6 +200,13 @@ class CompressConfig:
         need(self.final_topk == 0 or self.final_loss == "logit-kl",
              f"--final-topk keeps the teacher's next-token distributions, which only --final-loss logit-kl uses "
              f"(got --final-loss {self.final_loss}); drop one of the two")
+        need(self.final_lora_rank >= 0,
+             f"--final-lora-rank must be >= 0 (0 = --lora-rank), got {self.final_lora_rank}")
+        need(0 < self.final_positions <= 1,
+             f"--final-positions is a fraction of the token positions in (0, 1], got {self.final_positions}")
+        need(self.final_positions == 1 or self.final_loss == "logit-kl",
+             f"--final-positions samples the positions of the next-token KL, which only --final-loss logit-kl "
+             f"trains on (got --final-loss {self.final_loss}); drop one of the two")
         need(self.final_batch_size >= 0,
              f"--final-batch-size must be >= 0 (0 = --batch-size), got {self.final_batch_size}")
         need(self.final_epochs == 0 or self.offload != "disk",
@@ -255,6 +268,11 @@ class CompressConfig:
         LoRA that never trains would still be formed and differentiated at every step). The final stage has its
         own LoRA (``--lora-rank``) whatever ``--train`` says."""
         return self.lora_rank if self.train == "coef+lora" else 0
+
+    @property
+    def final_rank(self) -> int:
+        """LoRA rank of the final stage: ``--final-lora-rank``, else ``--lora-rank``."""
+        return self.final_lora_rank or self.lora_rank
 
     @property
     def final_batch(self) -> int:

@@ -154,7 +154,7 @@ def measure_units(config, cfg, device: torch.device, compute: torch.dtype | None
         from .fusion import wrap_block
 
         lora = []
-        for fl in wrap_block(ad, blocks[1], lora_rank=cfg.lora_rank, generator=g).values():
+        for fl in wrap_block(ad, blocks[1], lora_rank=cfg.final_rank, generator=g).values():
             lora += fl.lora_parameters()
         lora += [p for n, p in blocks[1].named_parameters() if "norm" in n]
         for p in lora:
@@ -233,7 +233,8 @@ def plan_run(model_name: str, config, *, device: str | None = None, repeats: int
     if mem.final:  # the memory plan has a final stage exactly when the run does
         F, head = L0 - k, units["head_forward"]
         # head forwards per trained token of the final stage's loss (a top-k teacher: its head once, not every step)
-        passes = head_passes(config.final_loss) - (config.final_topk > 0)
+        # per step, on the --final-positions fraction of its tokens
+        passes = (head_passes(config.final_loss) - (config.final_topk > 0)) * config.final_positions
         # its mini-batches of --final-batch-size windows; a step's time taken as proportional to its windows
         n_f = math.ceil((config.final_nsamples or config.nsamples) / config.final_batch)
         scale = config.final_batch / config.batch_size

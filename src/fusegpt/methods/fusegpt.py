@@ -498,6 +498,7 @@ def final_stage(job: Job) -> None:
         res = lora_heal(job, epochs=cfg.final_epochs, lr=cfg.final_lr,
                         teacher=job.state.targets.get(FINAL_TARGET if own else L0),
                         ids=job.final_ids, batch_size=cfg.final_batch, topk=cfg.final_topk, loss=cfg.final_loss,
+                        rank=cfg.final_rank, positions=cfg.final_positions,
                         desc=f"final distillation ({cfg.final_loss} vs dense)")
     finally:
         runner.grad_checkpoint = group_ckpt

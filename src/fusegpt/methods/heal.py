@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from ..distill import ParamGroup, TrainSettings, train_group
-from ..distill.losses import LossHead, head_passes, teacher_topk
+from ..distill.losses import LossHead, TeacherTopK, get_loss, head_passes, teacher_topk
 from ..fusion import FusedLinear, merge_fused_linears, wrap_block
 from ..nll import next_token_loss
 from ..options import option, register_options
@@ -25,12 +25,12 @@ from .base import Job, StepReport, get_method, method_info, register_method
 
 log = logging.getLogger(__name__)
 
-__all__ = ["run_heal_lora", "lora_heal"]
+__all__ = ["run_heal_lora", "lora_heal", "sampled_positions"]
 
 
 def lora_heal(job: Job, *, epochs: int | None = None, lr: float | None = None, teacher=None, ids=None,
-              batch_size: int | None = None, topk: int = 0, loss: str = "logit-kl",
-              desc: str = "LoRA healing") -> dict:
+              batch_size: int | None = None, topk: int = 0, loss: str = "logit-kl", rank: int | None = None,
+              positions: float = 1.0, desc: str = "LoRA healing") -> dict:
     """LoRA fine-tuning of every block of ``job.model`` on the calibration sequences (in place, merged).
 
     Without ``teacher`` the loss is the next-token cross-entropy; with ``teacher`` ([N, T, H], the dense model's
@@ -40,10 +40,14 @@ def lora_heal(job: Job, *, epochs: int | None = None, lr: float | None = None, t
     distilling. ``epochs`` / ``lr`` / ``batch_size`` default to the config's; ``ids`` ([N, T]) to the
     calibration windows. ``topk`` > 0 keeps the teacher's distributions as their ``topk`` most likely tokens and
     the rest's mass, computed once (:func:`fusegpt.distill.losses.teacher_topk`), instead of running the LM head
-    on the teacher at every step."""
+    on the teacher at every step. ``rank`` = the adapters' rank (default ``--lora-rank``); ``positions`` < 1 trains
+    the logit KL on that fraction of each mini-batch's token positions (:func:`sampled_positions`)."""
     cfg, ad, runner = job.config, job.adapter, job.runner
-    if cfg.lora_rank < 1:
+    rank = cfg.lora_rank if rank is None else rank
+    if rank < 1:
         raise ValueError("LoRA healing / the final distillation needs --lora-rank >= 1")
+    if positions < 1 and (teacher is None or loss != "logit-kl"):
+        raise ValueError("sampled positions are for the logit-kl distillation against a teacher")
     if topk > 0 and loss != "logit-kl":
         raise ValueError(f"a top-k teacher keeps next-token distributions, which only the logit-kl loss uses, "
                          f"not {loss!r}")
@@ -57,7 +61,7 @@ def lora_heal(job: Job, *, epochs: int | None = None, lr: float | None = None, t
     blocks, kinds = list(ad.blocks), ad.block_kinds()
     lora, norms = [], []
     for b in blocks:
-        for fl in wrap_block(ad, b, lora_rank=cfg.lora_rank, generator=job.generator).values():
+        for fl in wrap_block(ad, b, lora_rank=rank, generator=job.generator).values():
             lora += fl.lora_parameters()
         norms += [p for n, p in b.named_parameters() if "norm" in n] if teacher is not None else []
 
@@ -72,14 +76,19 @@ def lora_heal(job: Job, *, epochs: int | None = None, lr: float | None = None, t
     if teacher is not None and topk > 0:
         teacher = teacher_topk(teacher, LossHead.for_runner(runner), topk, device=runner.device)
         job.flops["train"] += 2.0 * teacher.log_tail.numel() * ad.head_macs_per_token()  # the teacher's head, once
+    loss_fn = lm_loss if teacher is None else None
+    if positions < 1:
+        # its own stream (the seed's), so the windows' shuffle order is the same as with every position
+        draws = torch.Generator().manual_seed(cfg.seed + POSITION_SEED)
+        loss_fn = sampled_positions(get_loss(loss, LossHead.for_runner(runner)), positions, draws)
     m0, w0 = runner.macs, runner.weight_macs
     res = train_group(runner, blocks, kinds, x, ids if teacher is None else teacher, groups, settings,
-                      generator=job.generator, desc=desc, loss_fn=lm_loss if teacher is None else None)
+                      generator=job.generator, desc=desc, loss_fn=loss_fn)
     job.flops["train"] += lora_training_flops(ad, blocks, runner.macs - m0, runner.weight_macs - w0, res.tokens)
     # the LM head (frozen): with a teacher its loss's passes (logit KL: 3, or 2 with a top-k teacher; hidden-state
     # losses: 0); cross-entropy: the student's forward + input gradient
     passes = (head_passes(loss) - (topk > 0)) if teacher is not None else 2
-    job.flops["train"] += 2.0 * passes * res.tokens * ad.head_macs_per_token()
+    job.flops["train"] += 2.0 * passes * sampled_count(res.tokens, positions) * ad.head_macs_per_token()
     for b in blocks:
         merge_fused_linears(b)
     assert not any(isinstance(m, FusedLinear) for m in ad.model.modules())
@@ -88,6 +97,31 @@ def lora_heal(job: Job, *, epochs: int | None = None, lr: float | None = None, t
     return {"seconds": time.perf_counter() - t, "nll_before": before, "nll_after": after,
             "epoch_losses": res.epoch_losses, "steps": res.steps, "nonfinite": res.nonfinite,
             "restored": res.restored}
+
+
+# added to --seed for the stream that draws the final stage's sampled positions
+POSITION_SEED = 104729
+
+
+def sampled_count(tokens: int, fraction: float) -> int:
+    """Token positions trained of ``tokens`` at ``fraction`` (at least one)."""
+    return tokens if fraction >= 1 else max(1, round(fraction * tokens))
+
+
+def sampled_positions(fn, fraction: float, generator: torch.Generator):
+    """``fn(student, teacher)`` on a random ``fraction`` of the [B, T, ...] mini-batch's token positions, drawn
+    anew at every call from ``generator`` (without replacement, in position order): the blocks' outputs at every
+    position stay in the step (attention mixes them), only the loss, and the LM head behind it, sees fewer. The
+    teacher is a tensor or a :class:`TeacherTopK`, indexed like the student."""
+
+    def loss(student: torch.Tensor, teacher) -> torch.Tensor:
+        n = student.shape[0] * student.shape[1]
+        pick = torch.randperm(n, generator=generator)[: sampled_count(n, fraction)].sort().values
+        t = (teacher.flat()[pick.to(teacher.logp.device)] if isinstance(teacher, TeacherTopK)
+             else teacher.reshape(n, -1)[pick.to(teacher.device)])
+        return fn(student.reshape(n, -1)[pick.to(student.device)], t)
+
+    return loss
 
 
 def lora_training_flops(adapter, blocks, macs: float, weight_macs: float, tokens: int) -> float:
