@@ -79,6 +79,12 @@ def test_plan_counts_the_dense_target_and_the_final_stage(gemma_folder):
     h = hs.timings
     assert hs.phases["final"] == pytest.approx(2 * 2 * 4 * h["lora_step"] + 2 * (4 * h["block_forward"]
                                                                                  + h["head_forward"]))
+    # --final-positions 0.5: the steps' head passes on half the tokens
+    half = plan_run(str(gemma_folder), _cfg(target="dense", final_epochs=2, lora_rank=4, final_positions=0.5),
+                    device="cpu", repeats=1)
+    f = half.timings
+    assert half.phases["final"] == pytest.approx(2 * 2 * (4 * f["lora_step"] + 1.5 * f["head_forward"])
+                                                 + 2 * (4 * f["block_forward"] + f["head_forward"]))
     # its memory: the formula's final-stage term (all remaining blocks train at once)
     assert rep.memory["final"] > 0 and cur.memory["final"] == 0
     # --final-nsamples 16: 4 mini-batches per final epoch; the 8 extra windows' dense targets (L0 forwards each)
