@@ -31,16 +31,22 @@ def _grads(fn, q, k, v, go):
     return (out, *torch.autograd.grad(out, (q, k, v), go))
 
 
-@pytest.mark.parametrize("kind", ["causal", "sliding-bool", "additive"])
+@pytest.mark.parametrize("kind", ["causal", "sliding-bool", "additive", "padded-bool", "padded-additive"])
 def test_exact_in_float64(kind):
-    """Output and the q / k / v gradients equal SDPA's (grouped heads expanded) in float64."""
+    """Output and the q / k / v gradients equal SDPA's (grouped heads expanded) in float64, with masks shared by
+    the batch or one per sequence (left padding in the second)."""
     q, k, v = _qkv()
-    t = q.shape[2]
+    b, h, t, _ = q.shape
     causal = torch.ones(t, t, dtype=torch.bool).tril()
+    padded = causal.expand(b, 1, t, t).clone()
+    padded[1, :, :, :3] = False  # the second sequence's first 3 keys are padding
+    padded[1, :, :3, :3] = torch.eye(3, dtype=torch.bool)  # (padding queries see themselves: no empty row)
     mask = {"causal": None,
             "sliding-bool": (causal & ~torch.ones(t, t, dtype=torch.bool).tril(-4))[None, None],
             "additive": torch.where(causal, 0.0, float("-inf")).double()[None, None] + 0.1 * torch.randn(1, 1, t, t,
-                                                                                          dtype=torch.float64)}[kind]
+                                                                                          dtype=torch.float64),
+            "padded-bool": padded,
+            "padded-additive": torch.where(padded, 0.0, float("-inf")).double()}[kind]
     go = torch.randn(q.shape, dtype=torch.float64)
     ours = _grads(lambda a, b, c: attention(a, b, c, mask, 0.3), q, k, v, go)
     ref = _grads(lambda a, b, c: _reference(a, b, c, mask, 0.3), q, k, v, go)
