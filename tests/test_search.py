@@ -75,6 +75,12 @@ def test_heldout_windows_share_no_token_with_the_calibration():
     assert len(got) == 20 and all(a[1] <= b[0] for a, b in zip(spans, spans[1:]))
     with pytest.raises(DataSourceError, match="room for only"):
         heldout_starts(200, 10, 32, torch.Generator().manual_seed(0), taken=[0])
+    # free runs [0, 10), [42, 500), [532, 900), [932, 2000): 0 + 14 + 11 + 33 windows of 32 at most; a count above
+    # that is refused before any draw, with the bound
+    with pytest.raises(DataSourceError, match="room for only 58 held-out"):
+        heldout_starts(2000, 59, 32, torch.Generator().manual_seed(0), taken)
+    with pytest.raises(DataSourceError, match="room for only"):
+        heldout_starts(10**6, 10**5, 32, torch.Generator().manual_seed(0), [])
 
 
 # ---- fitness = brute force -----------------------------------------------------------------------------------------

@@ -187,6 +187,11 @@ def heldout_starts(num_tokens: int, n: int, seqlen: int, generator: torch.Genera
     free = torch.ones(num_tokens, dtype=torch.bool)
     for s in taken:
         free[s : s + seqlen] = False
+    room = _room(free, seqlen)
+    if n > room:  # refused before the random draws, which would take minutes for a large n
+        raise DataSourceError(f"the calibration text has room for only {room} held-out windows of {seqlen} tokens "
+                              f"next to the {len(taken)} calibration windows (asked for {n}); lower the number of "
+                              "fitness windows (--search-fitness-samples) or --nsamples, or use a longer --calib")
     out: list[int] = []
     limit = num_tokens - seqlen
     for _ in range(100 * n):
@@ -201,6 +206,13 @@ def heldout_starts(num_tokens: int, n: int, seqlen: int, generator: torch.Genera
                               f"next to the {len(taken)} calibration windows (asked for {n}); lower the number of "
                               "fitness windows (--search-fitness-samples) or --nsamples, or use a longer --calib")
     return out
+
+
+def _room(free: torch.Tensor, seqlen: int) -> int:
+    """The most non-overlapping windows of ``seqlen`` tokens that fit in the runs of True of ``free``."""
+    edges = torch.diff(torch.cat([torch.zeros(1), free.float(), torch.zeros(1)]))
+    runs = (edges == -1).nonzero().flatten() - (edges == 1).nonzero().flatten()
+    return int((runs // seqlen).sum())
 
 
 def split_windows(ids: torch.Tensor, seqlen: int, max_windows: int | None = None) -> torch.Tensor:
