@@ -5,6 +5,8 @@ PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 # Threads for torch; 2 = every core of the reference machine.
 THREADS ?= 2
+# Test worker processes (pytest-xdist), one torch thread each (tests/conftest.py); 2 = every core.
+TEST_WORKERS ?= 2
 
 # The quantization environment: llm-compressor pins transformers<=5.17, so it lives apart from .venv.
 QVENV  ?= .venv-quant
@@ -41,8 +43,8 @@ demo: setup
 # way on CPUs with and without native bf16; the lint first.
 test: setup
 	$(VENV)/bin/ruff check src tests benchmarks
-	FUSEGPT_AUTO_DTYPE=fp32 $(PY) -m pytest -q
-	FUSEGPT_AUTO_DTYPE=bf16 $(PY) -m pytest -q -m "not slow"
+	FUSEGPT_AUTO_DTYPE=fp32 $(PY) -m pytest -q -n $(TEST_WORKERS)
+	FUSEGPT_AUTO_DTYPE=bf16 $(PY) -m pytest -q -n $(TEST_WORKERS) -m "not slow"
 	$(MAKE) test-quant
 
 # GPTQ quantization in its own environment (the main suite checks the error without it)
@@ -51,7 +53,7 @@ test-quant: setup-quant
 
 test-fast: setup
 	$(VENV)/bin/ruff check src tests benchmarks
-	$(PY) -m pytest -q -m "not slow"
+	$(PY) -m pytest -q -n $(TEST_WORKERS) -m "not slow"
 
 clean:
 	rm -rf $(VENV) $(QVENV) build src/*.egg-info

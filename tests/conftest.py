@@ -4,12 +4,19 @@ from __future__ import annotations
 
 import os
 
-import pytest
-import torch
-
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-torch.set_num_threads(min(2, torch.get_num_threads()))
+# Under pytest-xdist (`-n N`) every worker computes with one thread, and so do the processes it starts: N busy
+# workers on N cores, none waiting on a core another holds (a 2-thread torch process beside a busy core runs ~9x
+# slower on the 2-core reference machine).
+_PARALLEL = bool(os.environ.get("PYTEST_XDIST_WORKER"))
+if _PARALLEL:
+    os.environ["OMP_NUM_THREADS"] = "1"
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+torch.set_num_threads(1 if _PARALLEL else min(2, torch.get_num_threads()))
 
 FAMILIES = ["llama", "mistral", "qwen2", "qwen3", "gemma3", "phi3"]
 
