@@ -502,24 +502,30 @@ def test_final_stage_trains_on_its_own_windows(monkeypatch):
         _cfg(final_nsamples=-1).validate()
 
 
+def _final_stage_pair(epochs: int = 2, lr: float | None = 1e-2, **change):
+    """The same run twice on the same windows, the second with ``change`` to its final stage (``epochs`` of it):
+    the group stage must not notice (same blocks, same group losses and steps). Returns both reports."""
+    ids = random_ids(8, 16)
+    kw = {"final_epochs": epochs, "target": "dense", **({} if lr is None else {"lr": lr})}
+    base = compress(tiny_model("llama", 6), _cfg(**kw), calib_ids=ids)
+    other = compress(tiny_model("llama", 6), _cfg(**kw, **change), calib_ids=ids)
+    assert base.removed == other.removed
+    for a, b in zip(base.steps, other.steps):
+        assert (a.loss_before, a.loss_after, a.train_steps) == (b.loss_before, b.loss_after, b.train_steps)
+    return base, other
+
+
 def test_final_stage_with_a_top_k_teacher(monkeypatch):
     """--final-topk: the teacher's top-k distributions are computed once (one head pass over the final windows)
     and the stage spends one head pass per step fewer; the group stage is unchanged and the stage still lowers
     its loss (the KL over the k + 1 outcomes)."""
     from fusegpt.methods import heal
 
-    ids = random_ids(8, 16)
     made = []
     real = heal.teacher_topk
     monkeypatch.setattr(heal, "teacher_topk", lambda *a, **kw: made.append(a[2]) or real(*a, **kw))
-    base = compress(tiny_model("llama", 6), _cfg(final_epochs=2, target="dense", lr=1e-2), calib_ids=ids)
-    assert made == []
-    top = compress(tiny_model("llama", 6), _cfg(final_epochs=2, target="dense", lr=1e-2, final_topk=8),
-                   calib_ids=ids)
-    assert made == [8]  # once, not per epoch
-    assert base.removed == top.removed
-    for a, b in zip(base.steps, top.steps):
-        assert (a.loss_before, a.loss_after) == (b.loss_before, b.loss_after)
+    base, top = _final_stage_pair(final_topk=8)
+    assert made == [8]  # once in the top-k run, not per epoch; never in the base run
     fb, ft = base.steps[-1].extra["final"], top.steps[-1].extra["final"]
     assert fb["steps"] == ft["steps"] == 4 and ft["nll_before"] == fb["nll_before"]
     assert ft["epoch_losses"][1] < ft["epoch_losses"][0] < fb["epoch_losses"][0]  # coarsened: a smaller KL
@@ -534,13 +540,7 @@ def test_final_stage_with_a_hidden_state_loss():
     group stage unchanged; a top-k teacher with it is refused."""
     from fusegpt.adapters import get_adapter
 
-    ids = random_ids(8, 16)
-    kl = compress(tiny_model("llama", 6), _cfg(final_epochs=2, target="dense", lr=1e-2), calib_ids=ids)
-    hs = compress(tiny_model("llama", 6), _cfg(final_epochs=2, target="dense", lr=1e-2, final_loss="nmse"),
-                  calib_ids=ids)
-    assert kl.removed == hs.removed
-    for a, b in zip(kl.steps, hs.steps):
-        assert (a.loss_before, a.loss_after) == (b.loss_before, b.loss_after)
+    kl, hs = _final_stage_pair(final_loss="nmse")
     fk, fh = kl.steps[-1].extra["final"], hs.steps[-1].extra["final"]
     assert fk["steps"] == fh["steps"] == 4 and fh["nll_before"] == fk["nll_before"]
     assert fh["epoch_losses"][1] < fh["epoch_losses"][0]
@@ -584,13 +584,7 @@ def test_coefficient_only_group_stage_with_a_final_stage(monkeypatch):
 def test_final_batch_size_sets_the_final_stages_steps_only():
     """--final-batch-size: the final stage takes more, smaller steps on the same windows; the group stage keeps
     --batch-size (same removals, same group losses); a negative value is refused."""
-    ids = random_ids(8, 16)
-    base = compress(tiny_model("llama", 6), _cfg(final_epochs=1, target="dense"), calib_ids=ids)
-    small = compress(tiny_model("llama", 6), _cfg(final_epochs=1, target="dense", final_batch_size=2),
-                     calib_ids=ids)
-    assert base.removed == small.removed
-    for a, b in zip(base.steps, small.steps):
-        assert (a.loss_before, a.loss_after, a.train_steps) == (b.loss_before, b.loss_after, b.train_steps)
+    base, small = _final_stage_pair(epochs=1, lr=None, final_batch_size=2)
     assert base.steps[-1].extra["final"]["steps"] == 2 and small.steps[-1].extra["final"]["steps"] == 4
     assert small.steps[-1].extra["final"]["nll_after"] != base.steps[-1].extra["final"]["nll_after"]
     with pytest.raises(ConfigError, match="final-batch-size"):
@@ -615,13 +609,8 @@ def test_final_lora_rank_sets_the_final_stages_adapters_only(monkeypatch):
 
     monkeypatch.setattr(fg, "train_group", spy(real_fg))
     monkeypatch.setattr(heal, "train_group", spy(real_heal))
-    ids = random_ids(8, 16)
-    base = compress(tiny_model("llama", 6), _cfg(final_epochs=1, target="dense"), calib_ids=ids)
-    low = compress(tiny_model("llama", 6), _cfg(final_epochs=1, target="dense", final_lora_rank=2), calib_ids=ids)
+    base, low = _final_stage_pair(epochs=1, lr=None, final_lora_rank=2)
     assert ranks == [{4}, {4}, {4}, {4}, {4}, {2}]
-    assert base.removed == low.removed
-    for a, b in zip(base.steps, low.steps):
-        assert (a.loss_before, a.loss_after) == (b.loss_before, b.loss_after)
     assert low.flops["train"] < base.flops["train"]  # the rank-r products of the final stage
     with pytest.raises(ConfigError, match="final-lora-rank"):
         _cfg(final_lora_rank=-1).validate()
@@ -665,13 +654,7 @@ def test_final_positions_train_the_head_on_a_fraction():
     final loss (no next-token KL to sample)."""
     from fusegpt.adapters import get_adapter
 
-    ids = random_ids(8, 16)
-    full = compress(tiny_model("llama", 6), _cfg(final_epochs=2, target="dense", lr=1e-2), calib_ids=ids)
-    half = compress(tiny_model("llama", 6), _cfg(final_epochs=2, target="dense", lr=1e-2, final_positions=0.5),
-                    calib_ids=ids)
-    assert full.removed == half.removed
-    for a, b in zip(full.steps, half.steps):
-        assert (a.loss_before, a.loss_after) == (b.loss_before, b.loss_after)
+    full, half = _final_stage_pair(final_positions=0.5)
     ff, fh = full.steps[-1].extra["final"], half.steps[-1].extra["final"]
     assert ff["steps"] == fh["steps"] == 4 and fh["nll_before"] == ff["nll_before"]
     assert fh["epoch_losses"][1] < fh["epoch_losses"][0] and fh["nll_after"] != ff["nll_after"]
