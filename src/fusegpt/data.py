@@ -187,11 +187,15 @@ def heldout_starts(num_tokens: int, n: int, seqlen: int, generator: torch.Genera
     free = torch.ones(num_tokens, dtype=torch.bool)
     for s in taken:
         free[s : s + seqlen] = False
+
+    def no_room(room: int) -> DataSourceError:
+        return DataSourceError(f"the calibration text has room for only {room} held-out windows of {seqlen} tokens "
+                               f"next to the {len(taken)} calibration windows (asked for {n}); lower the number of "
+                               "fitness windows (--search-fitness-samples) or --nsamples, or use a longer --calib")
+
     room = _room(free, seqlen)
     if n > room:  # refused before the random draws, which would take minutes for a large n
-        raise DataSourceError(f"the calibration text has room for only {room} held-out windows of {seqlen} tokens "
-                              f"next to the {len(taken)} calibration windows (asked for {n}); lower the number of "
-                              "fitness windows (--search-fitness-samples) or --nsamples, or use a longer --calib")
+        raise no_room(room)
     out: list[int] = []
     limit = num_tokens - seqlen
     for _ in range(100 * n):
@@ -202,9 +206,7 @@ def heldout_starts(num_tokens: int, n: int, seqlen: int, generator: torch.Genera
             out.append(s)
             free[s : s + seqlen] = False
     if len(out) < n:
-        raise DataSourceError(f"the calibration text has room for only {len(out)} held-out windows of {seqlen} tokens "
-                              f"next to the {len(taken)} calibration windows (asked for {n}); lower the number of "
-                              "fitness windows (--search-fitness-samples) or --nsamples, or use a longer --calib")
+        raise no_room(len(out))
     return out
 
 
