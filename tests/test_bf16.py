@@ -93,6 +93,9 @@ def test_compress_decides_auto_once_for_the_plan_and_the_run(tiny_folder, tmp_pa
 
 
 _RANKS = """
+import sys
+from pathlib import Path
+
 import torch
 from fusegpt import api, distributed
 from fusegpt.config import CompressConfig
@@ -101,7 +104,8 @@ distributed.init_from_env("cpu")
 # the two processes measure differently: rank 1 would pick bf16
 api.choose_compute_dtype = lambda d, req: torch.bfloat16 if distributed.rank() == 1 else None
 got = api.resolve_compute_dtype(CompressConfig(compute_dtype="auto", device="cpu"))
-print(f"rank {distributed.rank()}: {got}")
+# one file per rank: two ranks printing to one pipe can interleave their lines
+Path(sys.argv[1], f"rank{distributed.rank()}.txt").write_text(str(got))
 distributed.shutdown()
 """
 
@@ -114,11 +118,10 @@ def test_every_rank_takes_rank_0s_auto_dtype(tmp_path):
     script = tmp_path / "ranks.py"
     script.write_text(_RANKS)
     res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
-                          str(script)], capture_output=True, text=True, timeout=300,
+                          str(script), str(tmp_path)], capture_output=True, text=True, timeout=300,
                          env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
-    assert sorted(line for line in res.stdout.splitlines() if line.startswith("rank")) == [
-        "rank 0: torch.float32", "rank 1: torch.float32"]
+    assert [(tmp_path / f"rank{r}.txt").read_text() for r in (0, 1)] == ["torch.float32", "torch.float32"]
 
 
 @pytest.mark.parametrize("cpuinfo,want", [
