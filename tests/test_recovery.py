@@ -502,6 +502,19 @@ def test_final_stage_trains_on_its_own_windows(monkeypatch):
         _cfg(final_nsamples=-1).validate()
 
 
+def test_dense_pass_is_timed_and_counted_as_teacher_work():
+    """The dense pass over the calibration windows (and the final stage's extra windows) runs before the first
+    removal: its seconds and FLOPs are the first step's teacher phase (as the plan predicts them), not time the
+    report leaves unnamed and FLOPs its fraction of peak leaves out."""
+    ids = random_ids(12, 16)
+    model = tiny_model("llama", 6)
+    ad = get_adapter(model)
+    dense = 12 * 16 * sum(ad.block_macs_per_token(b, 16) for b in ad.blocks)  # 8 + 4 windows through every block
+    rep = compress(model, _cfg(final_epochs=1, nsamples=8, final_nsamples=12, target="dense"), calib_ids=ids)
+    assert rep.steps[0].seconds["teacher"] > 0
+    assert rep.flops["teacher"] >= 2 * dense
+
+
 def _final_stage_pair(epochs: int = 2, lr: float | None = 1e-2, **change):
     """The same run twice on the same windows, the second with ``change`` to its final stage (``epochs`` of it):
     the group stage must not notice (same blocks, same group losses and steps). Returns both reports."""

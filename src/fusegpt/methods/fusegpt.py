@@ -361,9 +361,12 @@ def fuse_and_remove(job: Job, *, receivers: str, selection: Selection | None = N
         p, scores = selection.choose(job, step, sec)
         if job.state.targets is None and _wants_dense(job.config):  # once: before the first removal, or on resume
             plan = selection.plan(job) if receivers == "local" else None
-            ensure_dense_targets(job, None if plan is None else plan_boundaries(plan, job.num_original,
-                                                                                job.config.group_size),
-                                 final=job.config.final_epochs > 0)
+            # the dense pass over the calibration windows (and the final stage's own) is teacher work: timed and
+            # counted with it, as the plan predicts it
+            with job.measure("teacher", sec):
+                ensure_dense_targets(job, None if plan is None else plan_boundaries(plan, job.num_original,
+                                                                                    job.config.group_size),
+                                     final=job.config.final_epochs > 0)
         if scores is not None:
             log.info("(%d/%d) MI: lowest %s", step + 1, job.num_removals,
                      sorted(scores.items(), key=lambda kv: kv[1])[:3])
@@ -415,8 +418,9 @@ def fuse_joint(job: Job) -> list[StepReport]:
         plan = pick_blocks(first, k, min_gap=cfg.min_gap)
     spans = joint_spans(plan, L0, cfg.group_size)
     if _wants_dense(cfg):
-        ensure_dense_targets(job, [dense_boundary(list(range(L0)), span[-1], L0) for span, _ in spans],
-                             final=cfg.final_epochs > 0)
+        with job.measure("teacher", sec0):
+            ensure_dense_targets(job, [dense_boundary(list(range(L0)), span[-1], L0) for span, _ in spans],
+                                 final=cfg.final_epochs > 0)
     done = {s.removed for s in job.state.steps}
     for span, members in spans:
         if all(b in done for b in members):
