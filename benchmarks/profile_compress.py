@@ -51,6 +51,10 @@ def main() -> None:
                       key=lambda e: -e.self_cpu_time_total)
         for e in rows[: args.rows]:
             print(f"{e.key:<16} {e.count:>7} calls {e.self_cpu_time_total / 1e6:8.2f} s  {e.input_shapes}")
+        missing = sorted(set(ops) - {e.key for e in rows})
+        if missing:
+            print(f"--by-shape: no calls of {', '.join(missing)} in this run; use the names of the table's first "
+                  "column (e.g. aten::mm, aten::copy_)")
 
 
 if __name__ == "__main__":
