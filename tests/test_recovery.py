@@ -502,7 +502,8 @@ def test_final_stage_trains_on_its_own_windows(monkeypatch):
         _cfg(final_nsamples=-1).validate()
 
 
-def test_dense_pass_is_timed_and_counted_as_teacher_work():
+@pytest.mark.parametrize("mode", ["oneshot", "joint"])
+def test_dense_pass_is_timed_and_counted_as_teacher_work(mode):
     """The dense pass over the calibration windows (and the final stage's extra windows) runs before the first
     removal: its seconds and FLOPs are the first step's teacher phase (as the plan predicts them), not time the
     report leaves unnamed and FLOPs its fraction of peak leaves out."""
@@ -510,7 +511,8 @@ def test_dense_pass_is_timed_and_counted_as_teacher_work():
     model = tiny_model("llama", 6)
     ad = get_adapter(model)
     dense = 12 * 16 * sum(ad.block_macs_per_token(b, 16) for b in ad.blocks)  # 8 + 4 windows through every block
-    rep = compress(model, _cfg(final_epochs=1, nsamples=8, final_nsamples=12, target="dense"), calib_ids=ids)
+    rep = compress(model, _cfg(mode=mode, final_epochs=1, nsamples=8, final_nsamples=12, target="dense"),
+                   calib_ids=ids)
     assert rep.steps[0].seconds["teacher"] > 0
     assert rep.flops["teacher"] >= 2 * dense
 
