@@ -199,15 +199,22 @@ def _wants_dense(config) -> bool:
     return config.target == "dense" or config.final_epochs > 0
 
 
-def ensure_dense_targets(job: Job, boundaries: list[int] | None, *, final: bool = False) -> None:
+def ensure_dense_targets(job: Job, boundaries: list[int] | None, sec: dict[str, float], *,
+                         final: bool = False) -> None:
     """Fill ``job.state.targets`` {original boundary: [N, T, H]} with the dense model's hidden states.
 
     A fresh run computes them from the calibration cache while the model is still dense (step 0, after the
     selection's first choice); a resumed run reads the copy its checkpoint wrote then. With ``--target dense``,
     ``boundaries`` (known when the removal order is fixed) limits them to those the steps will use (None: every
-    boundary); ``final`` adds the last block's output (the final stage's target)."""
+    boundary); ``final`` adds the last block's output (the final stage's target). The work is teacher work, timed
+    and counted into ``sec["teacher"]`` (as ``fusegpt plan`` predicts it)."""
     if job.state.targets is not None:
         return
+    with job.measure("teacher", sec):
+        _fill_dense_targets(job, boundaries, final)
+
+
+def _fill_dense_targets(job: Job, boundaries: list[int] | None, final: bool) -> None:
     if job.state.steps:  # resumed: the model is no longer dense
         store = job.target_store()
         if job.checkpoint is None or not job.checkpoint.load_targets(store):
@@ -361,12 +368,9 @@ def fuse_and_remove(job: Job, *, receivers: str, selection: Selection | None = N
         p, scores = selection.choose(job, step, sec)
         if job.state.targets is None and _wants_dense(job.config):  # once: before the first removal, or on resume
             plan = selection.plan(job) if receivers == "local" else None
-            # the dense pass over the calibration windows (and the final stage's own) is teacher work: timed and
-            # counted with it, as the plan predicts it
-            with job.measure("teacher", sec):
-                ensure_dense_targets(job, None if plan is None else plan_boundaries(plan, job.num_original,
-                                                                                    job.config.group_size),
-                                     final=job.config.final_epochs > 0)
+            ensure_dense_targets(job, None if plan is None else plan_boundaries(plan, job.num_original,
+                                                                                job.config.group_size),
+                                 sec, final=job.config.final_epochs > 0)
         if scores is not None:
             log.info("(%d/%d) MI: lowest %s", step + 1, job.num_removals,
                      sorted(scores.items(), key=lambda kv: kv[1])[:3])
@@ -418,9 +422,8 @@ def fuse_joint(job: Job) -> list[StepReport]:
         plan = pick_blocks(first, k, min_gap=cfg.min_gap)
     spans = joint_spans(plan, L0, cfg.group_size)
     if _wants_dense(cfg):
-        with job.measure("teacher", sec0):
-            ensure_dense_targets(job, [dense_boundary(list(range(L0)), span[-1], L0) for span, _ in spans],
-                                 final=cfg.final_epochs > 0)
+        ensure_dense_targets(job, [dense_boundary(list(range(L0)), span[-1], L0) for span, _ in spans], sec0,
+                             final=cfg.final_epochs > 0)
     done = {s.removed for s in job.state.steps}
     for span, members in spans:
         if all(b in done for b in members):
@@ -492,7 +495,7 @@ def final_stage(job: Job) -> None:
     after the last recorded step)."""
     from .heal import lora_heal
 
-    ensure_dense_targets(job, None, final=True)
+    ensure_dense_targets(job, None, job.state.steps[-1].seconds, final=True)  # loaded here only on a resume
     cfg, L0, runner = job.config, job.num_original, job.runner
     group_ckpt = runner.grad_checkpoint  # the memory plan decides the final stage's checkpointing on its own memory
     if job.memory_plan is not None and job.memory_plan.final:
